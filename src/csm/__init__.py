@@ -1,0 +1,1 @@
+"""csm: Sesame's CSM-1B conversational speech model in plain PyTorch."""
