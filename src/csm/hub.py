@@ -80,7 +80,10 @@ def _download_first(repo_id: str, candidates: Sequence[str], revision: str | Non
     not_cached = []
     for name in candidates:
         try:
-            return Path(hf_hub_download(repo_id, name, revision=revision))
+            # Once the hub proved unreachable, try the other candidates in the cache only,
+            # rather than waiting through the network retries again.
+            local_only = bool(not_cached)
+            return Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=local_only))
         except GatedRepoError:
             raise WeightsNotFoundError(_gated_advice(repo_id)) from None
         except RevisionNotFoundError:
@@ -115,5 +118,6 @@ def _offline_advice(repo_id: str, names: Sequence[str]) -> str:
     return (
         f"{', '.join(names)} from hub repo {repo_id} is not in the local cache and {why}; "
         f"connect once to download it (if the repo is gated, accept its terms at "
-        f"https://huggingface.co/{repo_id} and log in or set HF_TOKEN), or pass a local path"
+        f"https://huggingface.co/{repo_id} and log in or set HF_TOKEN), or pass a local path; "
+        f"once files are cached, HF_HUB_OFFLINE=1 skips the network"
     )
