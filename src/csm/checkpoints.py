@@ -1,0 +1,340 @@
+"""Load CSM from any published layout: find the files, read them lazily, map keys, copy in.
+
+Layouts:
+- original (Sesame): `model.safetensors` or `ckpt.pt`, with a five-field `config.json`
+  (optional: CSM-1B's configuration is the default);
+- transformers (`CsmForConditionalGeneration`): `model.safetensors`, single or sharded with
+  `model.safetensors.index.json`, and its `config.json`; q/k rows are stored permuted for
+  rotate-half RoPE and are un-permuted here; the bundled codec (`codec_model.*`) is Mimi's.
+
+The model is built on the meta device and every tensor is read and copied into its final dtype
+and device one at a time, so loading needs little more memory than the loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from csm import hub
+from csm.errors import CheckpointError, WeightsNotFoundError
+from csm.llama import FLAVORS, LlamaConfig
+from csm.model import CSM, CSMConfig
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "ckpt.pt")
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor in a checkpoint file, read only when asked for."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def load_csm(
+    source: hub.Source = "sesame/csm-1b",
+    *,
+    revision: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> CSM:
+    """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`."""
+    weights_path = hub.resolve_file(source, WEIGHT_FILES, revision=revision)
+    stored = read_checkpoint(weights_path, lambda name: hub.resolve_file(source, [name], revision=revision))
+    config = _read_config(source, weights_path, revision)
+    layout = detect_layout(stored)
+    if layout == "transformers":
+        stored = from_transformers_layout(stored, config)
+    return build_model(config, stored, device=torch.device(device or "cpu"), dtype=dtype or torch.float32)
+
+
+def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: torch.device, dtype: torch.dtype) -> CSM:
+    """Allocate CSM in its final dtype and device, then copy the stored tensors in one by one."""
+    with torch.device("meta"):
+        model = CSM(config)
+    targets = model.state_dict()
+    _check_keys_and_shapes(targets, stored)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for name, target in model.state_dict().items():
+            target.copy_(stored[name].read())
+    return model.eval().requires_grad_(False)
+
+
+def _check_keys_and_shapes(targets: dict[str, torch.Tensor], stored: dict[str, StoredTensor]) -> None:
+    missing = sorted(set(targets) - set(stored))
+    unexpected = sorted(set(stored) - set(targets))
+    misshaped = [
+        f"{name} {stored[name].shape} (expected {tuple(target.shape)})"
+        for name, target in targets.items()
+        if name in stored and stored[name].shape != tuple(target.shape)
+    ]
+    problems = [
+        f"{what}: {_first(names)}"
+        for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped))
+        if names
+    ]
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model config; " + "; ".join(problems))
+
+
+def _first(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# --- reading files ---------------------------------------------------------------------------
+
+# Stray buffers that some exports carry and no layout needs.
+_IGNORED = re.compile(r".*_causal_mask$")
+
+
+def read_checkpoint(path: Path, find_shard: Callable[[str], Path]) -> dict[str, StoredTensor]:
+    """Tensors of a safetensors file, a sharded safetensors index, or a torch `ckpt.pt`."""
+    if path.suffix == ".json":
+        tensors = _read_sharded(path, find_shard)
+    elif zipfile.is_zipfile(path):
+        tensors = _read_torch(path)
+    else:
+        tensors = _read_safetensors(path)
+    return {name: tensor for name, tensor in tensors.items() if not _IGNORED.match(name)}
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path) -> dict[str, StoredTensor]:
+    # Plain reads rather than a memory map: a mapped file's pages would count toward this
+    # process's memory until the whole model is loaded.
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise CheckpointError(f"{path} is not a checkpoint: neither a safetensors file nor a torch zip archive")
+        try:
+            header = json.loads(file.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} has a malformed entry for {name!r}") from None
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: the size of {name!r} does not match its shape and dtype")
+        if data_start + end > size:
+            raise CheckpointError(f"{path} is truncated: {name!r} lies beyond its end; download it again")
+        tensors[name] = StoredTensor(shape, _reader(path, data_start + begin, dtype, shape))
+    return tensors
+
+
+def _reader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
+        with path.open("rb") as file:
+            file.seek(offset)
+            file.readinto(memoryview(raw.numpy()))
+        return raw.view(dtype).view(shape)
+
+    return read
+
+
+def _read_sharded(index_path: Path, find_shard: Callable[[str], Path]) -> dict[str, StoredTensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index_path} is not a safetensors index (no weight_map)") from None
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        beside = index_path.parent / shard
+        shard_tensors = _read_safetensors(beside if beside.is_file() else find_shard(shard))
+        tensors.update({name: tensor for name, tensor in shard_tensors.items() if weight_map.get(name) == shard})
+    return tensors
+
+
+def _read_torch(path: Path) -> dict[str, StoredTensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several unrelated types for unusable files
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointError(f"{path} does not hold a plain state dict of tensors")
+    return {name: StoredTensor(tuple(value.shape), lambda value=value: value) for name, value in state.items()}
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def _read_config(source: hub.Source, weights_path: Path, revision: str | None) -> CSMConfig:
+    """The config.json beside the weights, in either layout; CSM-1B's when there is none."""
+    beside = weights_path.parent / CONFIG_FILE
+    if beside.is_file():
+        path = beside
+    elif hub.is_local(source):
+        return CSMConfig()
+    else:
+        try:
+            path = hub.resolve_file(source, [CONFIG_FILE], revision=revision)
+        except WeightsNotFoundError:
+            return CSMConfig()
+    try:
+        fields = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path} does not hold a configuration object")
+    return config_from_transformers(fields) if fields.get("model_type") == "csm" else CSMConfig.from_dict(fields)
+
+
+def config_from_transformers(fields: dict[str, Any]) -> CSMConfig:
+    """CSMConfig from a transformers `CsmConfig` json (its flavors named when they are known ones)."""
+    try:
+        backbone = _llama_from_transformers(fields, max_seq_len=fields["max_position_embeddings"])
+        # The depth decoder only sees one frame's positions; keep the original flavor's value.
+        decoder = _llama_from_transformers(fields["depth_decoder_config"], max_seq_len=LlamaConfig.max_seq_len)
+        return CSMConfig(
+            audio_num_codebooks=fields["num_codebooks"],
+            audio_vocab_size=fields["vocab_size"],
+            backbone_flavor=_name_if_known(backbone),
+            decoder_flavor=_name_if_known(decoder),
+            text_vocab_size=fields["text_vocab_size"],
+        )
+    except KeyError as error:
+        raise CheckpointError(f"transformers config.json lacks the field {error}") from None
+
+
+def _llama_from_transformers(fields: dict[str, Any], *, max_seq_len: int) -> LlamaConfig:
+    heads = fields["num_attention_heads"]
+    rope = _rope_from_transformers(fields)
+    return LlamaConfig(
+        num_layers=fields["num_hidden_layers"],
+        dim=fields["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=fields.get("num_key_value_heads") or heads,
+        head_dim=fields.get("head_dim") or fields["hidden_size"] // heads,
+        ffn_dim=fields["intermediate_size"],
+        max_seq_len=max_seq_len,
+        norm_eps=fields.get("rms_norm_eps", 1e-5),
+        **rope,
+    )
+
+
+def _rope_from_transformers(fields: dict[str, Any]) -> dict[str, Any]:
+    """Llama-3 RoPE scaling from transformers' parametrisation to the original one.
+
+    transformers bounds the scaled band by wavelengths original_max / low and original_max /
+    high; the original uses old_context / low' and old_context / high'. With low' = 1 both
+    give the same frequencies: old_context = original_max / low, high' = high / low.
+    """
+    # transformers >= 5 nests everything in rope_parameters; 4.x has rope_theta + rope_scaling.
+    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+    base = rope.get("rope_theta", fields.get("rope_theta", 500_000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"rope_base": base, "rope_scale_factor": 1.0}
+    if kind != "llama3":
+        raise CheckpointError(f"unsupported RoPE type {kind!r} in config.json (CSM uses llama3)")
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    return {
+        "rope_base": base,
+        "rope_scale_factor": rope["factor"],
+        "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": high / low,
+        "rope_old_context_len": round(rope["original_max_position_embeddings"] / low),
+    }
+
+
+def _name_if_known(config: LlamaConfig) -> str | LlamaConfig:
+    return next((name for name, known in FLAVORS.items() if known == config), config)
+
+
+# --- key layouts -----------------------------------------------------------------------------
+
+
+def detect_layout(stored: dict[str, StoredTensor]) -> str:
+    """'original' or 'transformers', from the checkpoint's keys."""
+    if "codebook0_head.weight" in stored or any(name.startswith("backbone.") for name in stored):
+        return "original"
+    if "lm_head.weight" in stored or any(name.startswith("backbone_model.") for name in stored):
+        return "transformers"
+    raise CheckpointError(f"not a CSM checkpoint: neither original nor transformers keys (found {_first(sorted(stored), 5)})")
+
+
+_TRANSFORMERS_NAMES = {
+    "embed_text_tokens.weight": "text_embeddings.weight",
+    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
+    "lm_head.weight": "codebook0_head.weight",
+    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
+    "depth_decoder.codebooks_head.weight": "audio_head",
+    "backbone_model.norm.weight": "backbone.norm.scale",
+    "depth_decoder.model.norm.weight": "decoder.norm.scale",
+}
+_TRANSFORMERS_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.o_proj.weight": "attn.output_proj.weight",
+    "mlp.gate_proj.weight": "mlp.w1.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+    "mlp.up_proj.weight": "mlp.w3.weight",
+    "input_layernorm.weight": "sa_norm.scale",
+    "post_attention_layernorm.weight": "mlp_norm.scale",
+}
+_TRANSFORMERS_LAYER = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)")
+# The depth decoder's audio embeddings are tied to the backbone's: transformers saves one of
+# the two names. The bundled codec is loaded by the Mimi loader.
+_TIED_AUDIO_EMBEDDINGS = "depth_decoder.model.embed_tokens.weight"
+_CODEC_PREFIX = "codec_model."
+
+
+def from_transformers_layout(stored: dict[str, StoredTensor], config: CSMConfig) -> dict[str, StoredTensor]:
+    """Rename transformers keys to the original ones and un-permute the q/k rows."""
+    mapped = {}
+    for name, tensor in stored.items():
+        if name == _TIED_AUDIO_EMBEDDINGS or name.startswith(_CODEC_PREFIX):
+            continue
+        layer = _TRANSFORMERS_LAYER.fullmatch(name)
+        if layer is None:
+            mapped[_TRANSFORMERS_NAMES.get(name, name)] = tensor
+            continue
+        stack, index, rest = layer.groups()
+        llama = config.backbone if stack == "backbone_model" else config.decoder
+        prefix = "backbone" if stack == "backbone_model" else "decoder"
+        new_name = f"{prefix}.layers.{index}.{_TRANSFORMERS_LAYER_NAMES.get(rest, rest)}"
+        heads = {"self_attn.q_proj.weight": llama.num_heads, "self_attn.k_proj.weight": llama.num_kv_heads}.get(rest)
+        mapped[new_name] = tensor if heads is None else _unpermuted(tensor, heads)
+    if "audio_embeddings.weight" not in mapped and _TIED_AUDIO_EMBEDDINGS in stored:
+        mapped["audio_embeddings.weight"] = stored[_TIED_AUDIO_EMBEDDINGS]
+    return mapped
+
+
+def _unpermuted(tensor: StoredTensor, heads: int) -> StoredTensor:
+    """Rows of each head from rotate-half order (all even, then all odd) back to interleaved pairs."""
+
+    def read() -> torch.Tensor:
+        weight = tensor.read()
+        rows, dim = weight.shape
+        return weight.view(heads, 2, rows // heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+    return StoredTensor(tensor.shape, read)
+

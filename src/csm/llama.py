@@ -1,0 +1,200 @@
+"""The Llama-3 decoder that CSM uses twice: as its backbone and as its depth decoder.
+
+Only what inference needs: RMSNorm, Llama-3 scaled RoPE on interleaved pairs, grouped-query
+attention over a preallocated KV cache that each step writes in place, and a SwiGLU MLP.
+Parameter names follow the original CSM checkpoint (torchtune's), so a state dict of these
+modules is an original-layout checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    num_layers: int
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_base: float = 500_000.0
+    # Llama-3 RoPE scaling, in the original (torchtune) parametrisation.
+    rope_scale_factor: float = 32.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_old_context_len: int = 8192
+
+
+FLAVORS: dict[str, LlamaConfig] = {
+    "llama-1B": LlamaConfig(num_layers=16, dim=2048, num_heads=32, num_kv_heads=8, head_dim=64, ffn_dim=8192),
+    "llama-100M": LlamaConfig(num_layers=4, dim=1024, num_heads=8, num_kv_heads=2, head_dim=128, ffn_dim=8192),
+}
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of each rotated pair, with Llama-3's long-context scaling."""
+    freqs = 1.0 / config.rope_base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = config.rope_old_context_len / config.rope_low_freq_factor
+    high_freq_wavelen = config.rope_old_context_len / config.rope_high_freq_factor
+    smooth = (config.rope_old_context_len / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / config.rope_scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / config.rope_scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def rope_table(config: LlamaConfig, num_positions: int) -> torch.Tensor:
+    """cos and sin of every position and pair: [num_positions, head_dim // 2, 2], float32."""
+    angles = torch.outer(torch.arange(num_positions, dtype=torch.float32), rope_frequencies(config))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, D] by rope [B, S, D/2, 2].
+
+    The math runs in float32 whatever the table's dtype, as the reference does.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope.float().unsqueeze(1).unbind(-1)
+    even, odd = pairs.unbind(-1)
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.scale
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, one preallocated slot per position."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, num_positions: int, head_dim: int, *, dtype, device):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, num_positions, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device).unsqueeze(1), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, S, D] at slots input_pos [B, S]; return the whole cache."""
+        self.k[self.rows, :, input_pos] = k.transpose(1, 2)
+        self.v[self.rows, :, input_pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=False)
+        self.output_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = self.cache.update(input_pos, apply_rope(k, rope), v)
+        # Query head h reads kv head h // groups: fold each kv head's group of query heads into
+        # the sequence axis instead of repeating the cache for every query head.
+        groups = self.num_heads // self.num_kv_heads
+        q = apply_rope(q, rope).reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(1, 1, groups, 1))
+        out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
+        return self.output_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.sa_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Llama(nn.Module):
+    """A stack of decoder layers and a final norm: embeddings in, normed hidden states out."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+    def setup_caches(self, batch_size: int, num_positions: int) -> None:
+        """Allocate the KV caches and the RoPE table for positions 0 .. num_positions - 1."""
+        weight = self.norm.scale
+        for layer in self.layers:
+            layer.attn.cache = KVCache(
+                batch_size, self.config.num_kv_heads, num_positions, self.config.head_dim,
+                dtype=weight.dtype, device=weight.device,
+            )
+        # The table is rounded to the weights' dtype, like the reference's (a bf16 model gets a
+        # bf16 table); the rotation itself runs in float32.
+        table = rope_table(self.config, num_positions).to(device=weight.device, dtype=weight.dtype)
+        self.register_buffer("rope", table, persistent=False)
+        self.register_buffer("slots", torch.arange(num_positions, device=weight.device), persistent=False)
+
+    def reset_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.cache.reset()
+
+    @property
+    def has_caches(self) -> bool:
+        return self.layers[0].attn.cache is not None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """x [B, S, dim] at positions input_pos [B, S] (each row its own) -> [B, S, dim].
+
+        Each position is written to its cache slot and attends to slots 0 .. its position of
+        its own row, so rows may be at different positions.
+        """
+        mask = (self.slots <= input_pos.unsqueeze(-1)).unsqueeze(1)
+        rope = self.rope[input_pos]
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        return self.norm(x)

@@ -1,0 +1,198 @@
+"""CSM: a Llama backbone that reads frames of 33 slots and a depth decoder that writes 32 codes.
+
+Each sequence position carries 32 audio codes and one text token; its embedding is the masked
+sum of their embeddings. The backbone turns the sequence into a hidden state whose head picks
+codebook 0; the depth decoder then picks codebooks 1..31 one after the other, restarting at
+position 0 for every frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csm.errors import CheckpointError
+from csm.llama import FLAVORS, Llama, LlamaConfig
+from csm.sampling import sample_topk
+
+
+@dataclass(frozen=True)
+class CSMConfig:
+    """The five fields of the original `config.json`; defaults are those of CSM-1B.
+
+    A flavor is a name from `csm.llama.FLAVORS` or an explicit `LlamaConfig` (written to
+    `config.json` as a mapping of its fields), which lets tests build small models.
+    """
+
+    audio_num_codebooks: int = 32
+    audio_vocab_size: int = 2051
+    backbone_flavor: str | LlamaConfig = "llama-1B"
+    decoder_flavor: str | LlamaConfig = "llama-100M"
+    text_vocab_size: int = 128256
+
+    def __post_init__(self) -> None:
+        for flavor in (self.backbone_flavor, self.decoder_flavor):
+            _flavor(flavor)  # an unknown name fails here, listing the known ones
+
+    @property
+    def backbone(self) -> LlamaConfig:
+        return _flavor(self.backbone_flavor)
+
+    @property
+    def decoder(self) -> LlamaConfig:
+        return _flavor(self.decoder_flavor)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> CSMConfig:
+        """Read an original-layout `config.json`; unknown fields (such as hub metadata) are ignored."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        kwargs = {name: value for name, value in fields.items() if name in names}
+        for name in ("backbone_flavor", "decoder_flavor"):
+            if isinstance(kwargs.get(name), dict):
+                kwargs[name] = _llama_config(kwargs[name])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        for name in ("backbone_flavor", "decoder_flavor"):
+            flavor = getattr(self, name)
+            fields[name] = flavor if isinstance(flavor, str) else dataclasses.asdict(flavor)
+        return fields
+
+
+def _flavor(flavor: str | LlamaConfig) -> LlamaConfig:
+    if isinstance(flavor, LlamaConfig):
+        return flavor
+    if flavor not in FLAVORS:
+        raise CheckpointError(f"unknown model flavor {flavor!r}; known flavors: {', '.join(FLAVORS)}")
+    return FLAVORS[flavor]
+
+
+def _llama_config(fields: dict[str, Any]) -> LlamaConfig:
+    try:
+        return LlamaConfig(**fields)
+    except TypeError as error:
+        raise CheckpointError(f"invalid explicit flavor in config.json: {error}") from None
+
+
+class CSM(nn.Module):
+    def __init__(self, config: CSMConfig) -> None:
+        super().__init__()
+        self.config = config
+        backbone, decoder = config.backbone, config.decoder
+        self.backbone = Llama(backbone)
+        self.decoder = Llama(decoder)
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, backbone.dim)
+        self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.dim)
+        self.projection = nn.Linear(backbone.dim, decoder.dim, bias=False)
+        self.codebook0_head = nn.Linear(backbone.dim, config.audio_vocab_size, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, decoder.dim, config.audio_vocab_size))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.backbone.max_seq_len
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str = "sesame/csm-1b",
+        *,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> CSM:
+        """Load a published checkpoint (hub repo id, local folder or file); see `csm.checkpoints`."""
+        # Imported here because loading depends on the network, not the other way round.
+        from csm.checkpoints import load_csm
+
+        return load_csm(source, revision=revision, device=device, dtype=dtype)
+
+    def setup_caches(self, batch_size: int) -> None:
+        """Preallocate the KV caches of both transformers for `batch_size` rows."""
+        device = self.codebook0_head.weight.device
+        self.backbone.setup_caches(batch_size, self.max_seq_len)
+        # The depth decoder only ever sees the positions of one frame's codebooks.
+        self.decoder.setup_caches(batch_size, self.config.audio_num_codebooks)
+        num_codebooks = self.config.audio_num_codebooks
+        offsets = torch.arange(num_codebooks, device=device) * self.config.audio_vocab_size
+        self.register_buffer("codebook_offsets", offsets, persistent=False)
+        depth_positions = torch.arange(num_codebooks, device=device).expand(batch_size, -1)
+        self.register_buffer("depth_positions", depth_positions, persistent=False)
+
+    def reset_caches(self) -> None:
+        self.backbone.reset_caches()
+        self.decoder.reset_caches()
+
+    def embed(self, tokens: torch.Tensor, tokens_mask: torch.Tensor) -> torch.Tensor:
+        """Frames tokens [B, S, 33] with mask [B, S, 33] -> embeddings [B, S, dim].
+
+        Slots 0..31 are audio codes of codebooks 0..31, slot 32 the text token; only the
+        slots whose mask is set contribute.
+        """
+        batch, seq, _ = tokens.shape
+        weights = tokens_mask.to(self.audio_embeddings.weight.dtype)
+        audio = F.embedding_bag(
+            (tokens[..., :-1] + self.codebook_offsets).flatten(0, 1),
+            self.audio_embeddings.weight,
+            mode="sum",
+            per_sample_weights=weights[..., :-1].flatten(0, 1),
+        ).view(batch, seq, -1)
+        return audio + self.text_embeddings(tokens[..., -1]) * weights[..., -1:]
+
+    def backbone_hidden(self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Run the backbone over new positions (cached): hidden states [B, S, dim]."""
+        self._check_caches(tokens.shape[0])
+        return self.backbone(self.embed(tokens, tokens_mask), input_pos)
+
+    def depth_logits(self, last_hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Logits of codebooks 1..31 [B, 31, V] given the backbone state [B, dim] and codes [B, 32].
+
+        Teacher-forced: what the depth decoder predicts for codebook k after seeing codes 0..k-1.
+        """
+        self._check_caches(codes.shape[0])
+        previous = self.audio_embeddings(codes[:, :-1] + self.codebook_offsets[:-1])
+        inputs = torch.cat([last_hidden.unsqueeze(1), previous], dim=1)
+        hidden = self.decoder(self.projection(inputs), self.depth_positions)
+        return torch.einsum("bkd,kdv->bkv", hidden[:, 1:], self.audio_head)
+
+    @torch.inference_mode()
+    def generate_frame(
+        self,
+        tokens: torch.Tensor,
+        tokens_mask: torch.Tensor,
+        input_pos: torch.Tensor,
+        temperature: float,
+        topk: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Feed new positions, sample the next frame: codes [B, 32] int64.
+
+        tokens [B, S, 33] int64, tokens_mask [B, S, 33] bool, input_pos [B, S] int64; the
+        frame follows the last of the S positions. Deciding when speech ends is the caller's.
+        """
+        last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]
+        first = sample_topk(self.codebook0_head(last_hidden), topk, temperature, generator)
+        codes = [first]
+        # No decoder cache reset is needed: positions restart at 0 and every slot a position
+        # attends to is written earlier in the same frame.
+        inputs = torch.cat([last_hidden.unsqueeze(1), self.audio_embeddings(first)], dim=1)
+        positions = self.depth_positions[:, :2]
+        for k in range(1, self.config.audio_num_codebooks):
+            hidden = self.decoder(self.projection(inputs), positions)[:, -1]
+            code = sample_topk(torch.mm(hidden, self.audio_head[k - 1]), topk, temperature, generator)
+            codes.append(code)
+            inputs = self.audio_embeddings(code + self.codebook_offsets[k])
+            positions = self.depth_positions[:, k + 1 : k + 2]
+        return torch.cat(codes, dim=1)
+
+    def _check_caches(self, batch_size: int) -> None:
+        if not self.backbone.has_caches:
+            raise ValueError("call setup_caches(batch_size) before running the model")
+        cached = self.backbone.layers[0].attn.cache.k.shape[0]
+        if batch_size != cached:
+            raise ValueError(f"caches were set up for batch size {cached}, got a batch of {batch_size}")
