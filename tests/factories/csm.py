@@ -55,13 +55,20 @@ def random_model(config: CSMConfig, seed: int = 0) -> CSM:
     return model.eval().requires_grad_(False)
 
 
-def write_csm_checkpoint(directory: Path, config: CSMConfig, layout: str = "original", seed: int = 0) -> Path:
-    """Write random weights of `config` in `layout` into `directory`; returns the directory."""
+def write_csm_checkpoint(
+    directory: Path, config: CSMConfig, layout: str = "original", seed: int = 0, *, max_shard_size: str | None = None
+) -> Path:
+    """Write random weights of `config` in `layout` into `directory`; returns the directory.
+
+    `max_shard_size` (transformers layout only, e.g. "20MB") writes sharded safetensors with
+    their `model.safetensors.index.json`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = random_state_dict(config, seed)
     if layout == "transformers":
-        transformers_model(config, state).save_pretrained(directory)
+        model = transformers_model(config, state)
+        model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         return directory
     (directory / "config.json").write_text(json.dumps(config.to_dict()))
     if layout == "original":
