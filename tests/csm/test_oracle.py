@@ -87,28 +87,44 @@ def oracle_greedy_frames(oracle, tokens, mask, num_frames):
     for _ in range(num_frames):
         last = oracle.backbone_model(inputs_embeds=embeddings, cache=cache, use_cache=True).last_hidden_state[:, -1]
         codes = oracle.lm_head(last).argmax(-1, keepdim=True)
+        depth_cache = DynamicCache(config=oracle.depth_decoder.config)
+        # Position 0 holds the backbone state (its input id is a placeholder), position 1 code 0.
+        inputs, backbone_state = torch.cat([torch.zeros_like(codes), codes], dim=1), last
         for _ in range(1, NUM_CODEBOOKS):
-            inputs = torch.cat([torch.zeros_like(codes[:, :1]), codes], dim=1)
-            logits = oracle.depth_decoder(input_ids=inputs, backbone_last_hidden_state=last).logits[:, -1]
-            codes = torch.cat([codes, logits.argmax(-1, keepdim=True)], dim=1)
+            logits = oracle.depth_decoder(
+                input_ids=inputs,
+                backbone_last_hidden_state=backbone_state,
+                cache=depth_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            inputs, backbone_state = logits.argmax(-1, keepdim=True), None
+            codes = torch.cat([codes, inputs], dim=1)
         frames.append(codes)
         embeddings = oracle.backbone_model.embed_tokens(codes.unsqueeze(1))
     return torch.cat(frames)
 
 
-def test_greedy_frames_match_for_30_frames(ours, oracle, config):
+NUM_FRAMES = 30
+
+
+@pytest.fixture(scope="module")
+def oracle_frames(oracle, config):
     tokens, mask = prompt(config)
-    num_frames = 30
-    expected = oracle_greedy_frames(oracle, tokens, mask, num_frames)
+    return oracle_greedy_frames(oracle, tokens, mask, NUM_FRAMES)
+
+
+def test_greedy_frames_match_for_30_frames(ours, oracle_frames, config):
+    tokens, mask = prompt(config)
 
     ours.reset_caches()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0)
     frames = []
-    for _ in range(num_frames):
+    for _ in range(NUM_FRAMES):
         frame = ours.generate_frame(tokens, mask, positions, temperature=1.0, topk=1)
         frames.append(frame)
         tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1).unsqueeze(1)
         mask = torch.ones_like(tokens, dtype=torch.bool)
         mask[..., -1] = False
         positions = positions[:, -1:] + 1
-    assert torch.equal(torch.cat(frames), expected)
+    assert torch.equal(torch.cat(frames), oracle_frames)

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from csm.sampling import sample_topk
+from tests.factories.csm import random_model, tiny_config
+
+FRAME_SLOTS = 33
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(), seed=5)
+
+
+def text_prompt(length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.zeros(length, FRAME_SLOTS, dtype=torch.long)
+    tokens[:, -1] = torch.randint(500, (length,), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, -1] = True
+    return tokens, mask
+
+
+def next_input(frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1).unsqueeze(1)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[..., -1] = False
+    return tokens, mask
+
+
+def generate(model, tokens, mask, positions, num_frames, **sampling):
+    frames = []
+    for _ in range(num_frames):
+        frame = model.generate_frame(tokens, mask, positions, **sampling)
+        frames.append(frame)
+        tokens, mask = next_input(frame)
+        positions = positions.max(dim=1, keepdim=True).values + 1
+    return torch.stack(frames, dim=1)
+
+
+def test_rows_of_different_lengths_decode_as_if_alone(model):
+    """A shorter prompt is left-padded with positions it has not reached yet: those slots are
+    masked from its real positions and overwritten before they are read."""
+    greedy = dict(temperature=1.0, topk=1)
+    prompts = [text_prompt(7, seed=0), text_prompt(4, seed=1)]
+    alone = []
+    for tokens, mask in prompts:
+        model.setup_caches(1)
+        positions = torch.arange(len(tokens)).unsqueeze(0)
+        alone.append(generate(model, tokens[None], mask[None], positions, 3, **greedy))
+
+    (long_tokens, long_mask), (short_tokens, short_mask) = prompts
+    padding = len(long_tokens) - len(short_tokens)
+    tokens = torch.stack([long_tokens, torch.cat([short_tokens[:padding], short_tokens])])
+    mask = torch.stack([long_mask, torch.cat([torch.zeros_like(short_mask[:padding]), short_mask])])
+    short_positions = torch.cat([torch.arange(len(short_tokens), len(long_tokens)), torch.arange(len(short_tokens))])
+    positions = torch.stack([torch.arange(len(long_tokens)), short_positions])
+    model.setup_caches(2)
+    frames = []
+    for _ in range(3):
+        frame = model.generate_frame(tokens, mask, positions, **greedy)
+        frames.append(frame)
+        tokens, mask = next_input(frame)
+        positions = positions[:, -1:] + 1
+    batched = torch.stack(frames, dim=1)
+    assert torch.equal(batched[0], alone[0][0])
+    assert torch.equal(batched[1], alone[1][0])
+
+
+def test_a_seed_reproduces_a_sampled_frame(model):
+    tokens, mask = text_prompt(5, seed=2)
+    positions = torch.arange(5).unsqueeze(0)
+    runs = []
+    for seed in (11, 11, 12):
+        model.setup_caches(1)
+        generator = torch.Generator().manual_seed(seed)
+        runs.append(generate(model, tokens[None], mask[None], positions, 2, temperature=0.9, topk=50, generator=generator))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    assert runs[0].dtype == torch.long and runs[0].shape == (1, 2, 32)
+    assert ((runs[0] >= 0) & (runs[0] < 2051)).all()
+
+
+def test_the_model_asks_for_caches_of_the_right_batch(model):
+    tokens, mask = text_prompt(3, seed=3)
+    model.setup_caches(2)
+    with pytest.raises(ValueError, match="set up for batch size 2"):
+        model.generate_frame(tokens[None], mask[None], torch.arange(3)[None], temperature=1.0, topk=1)
+    fresh = random_model(tiny_config(), seed=5)
+    with pytest.raises(ValueError, match="setup_caches"):
+        fresh.generate_frame(tokens[None], mask[None], torch.arange(3)[None], temperature=1.0, topk=1)
+
+
+def test_sampling_follows_the_reference_operations():
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    temperature, topk = 0.7, 5
+    scaled = logits / temperature
+    kept = scaled.masked_fill(scaled < torch.topk(scaled, topk)[0][..., -1, None], -float("inf"))
+    probs = torch.softmax(torch.log_softmax(kept, dim=-1), dim=-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=torch.Generator().manual_seed(9))
+    expected = torch.argmax(probs / noise, dim=-1, keepdim=True)
+    sampled = sample_topk(logits, topk, temperature, torch.Generator().manual_seed(9))
+    assert sampled.shape == (3, 1) and sampled.dtype == torch.long
+    assert torch.equal(sampled, expected)
+
+
+def test_sampling_stays_within_the_top_k():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(1))
+    allowed = set(torch.topk(logits, 3).indices[0].tolist())
+    generator = torch.Generator().manual_seed(2)
+    drawn = {sample_topk(logits, 3, 1.0, generator).item() for _ in range(200)}
+    assert drawn == allowed
