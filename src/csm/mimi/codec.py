@@ -1,0 +1,221 @@
+"""Mimi: 24 kHz mono audio <-> codes of up to 32 codebooks at 12.5 Hz.
+
+encode: SEANet encoder -> transformer -> downsample (25 -> 12.5 Hz) -> split RVQ.
+decode: RVQ lookup -> upsample (12.5 -> 25 Hz) -> transformer -> SEANet decoder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from csm.mimi.config import MimiConfig
+from csm.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvState
+from csm.mimi.loading import load_weights
+from csm.mimi.quantizer import SplitResidualQuantizer
+from csm.mimi.seanet import SEANetDecoder, SEANetEncoder, SEANetState
+from csm.mimi.transformer import Transformer, TransformerState
+
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+
+
+class Mimi(nn.Module):
+    """The Mimi codec. `num_codebooks` (1..32) is how many codebooks `encode` returns."""
+
+    def __init__(self, config: MimiConfig = MimiConfig(), num_codebooks: int | None = None):
+        super().__init__()
+        num_codebooks = config.num_codebooks if num_codebooks is None else num_codebooks
+        if not 1 <= num_codebooks <= config.num_codebooks:
+            raise ValueError(f"num_codebooks must be in 1..{config.num_codebooks}, got {num_codebooks}")
+        self.config = config
+        self.num_codebooks = num_codebooks
+        self.encoder = SEANetEncoder(config)
+        self.encoder_transformer = Transformer(config)
+        self.downsample = CausalConv1d(
+            config.dim, config.dim, 2 * config.frame_stride, config.frame_stride, bias=False, pad_mode="replicate"
+        )
+        self.quantizer = SplitResidualQuantizer(config)
+        self.upsample = CausalConvTranspose1d(
+            config.dim, config.dim, 2 * config.frame_stride, config.frame_stride, groups=config.dim, bias=False
+        )
+        self.decoder_transformer = Transformer(config)
+        self.decoder = SEANetDecoder(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike = DEFAULT_REPO,
+        *,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        num_codebooks: int = 32,
+    ) -> Mimi:
+        """Load published weights from a hub repo id, a local folder or a file.
+
+        Accepts the moshi layout (`kyutai/moshiko-pytorch-bf16`, the default), the
+        transformers layout (`kyutai/mimi`) and the `codec_model.*` part of a
+        transformers-layout CSM checkpoint. Weights are read tensor by tensor straight into
+        `dtype` (default float32) on `device` (default CPU).
+        """
+        dtype = torch.float32 if dtype is None else dtype
+        config = MimiConfig()
+        with torch.device("meta"):
+            model = cls(config, num_codebooks)
+        state = load_weights(source, model.state_dict(), revision=revision, device=device, dtype=dtype)
+        model.load_state_dict(state, assign=True)
+        return model.eval()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.config.frame_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.frame_size
+
+    @torch.inference_mode()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """Codes [B, num_codebooks, ceil(L / 1920)] (int64) of audio [B, 1, L] at 24 kHz.
+
+        A length that is not a multiple of 1920 is padded as CSM's Mimi did (each
+        convolution completes its last window), so its last frame sees a partial window.
+        """
+        self._check_wav(wav)
+        return self._encode(wav, None)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Audio [B, 1, T * 1920] of codes [B, K, T] (K <= 32 leading codebooks, values < 2048)."""
+        self._check_codes(codes)
+        return self._decode(codes, None)
+
+    def encode_stream(self, batch_size: int = 1) -> EncodeStream:
+        """A streaming encoder: feed it multiples of 1920 samples, get their frames."""
+        return EncodeStream(self, batch_size)
+
+    def decode_stream(self, batch_size: int = 1) -> DecodeStream:
+        """A streaming decoder: feed it one or more frames, get their 1920 samples each."""
+        return DecodeStream(self, batch_size)
+
+    def _encode(self, wav: torch.Tensor, state: _EncoderState | None) -> torch.Tensor:
+        weight = self.downsample.weight
+        wav = wav.to(device=weight.device, dtype=weight.dtype)
+        x = self.encoder(wav, None if state is None else state.seanet)
+        x = self.encoder_transformer(x, None if state is None else state.transformer)
+        x = self.downsample(x, None if state is None else state.downsample)
+        return self.quantizer.encode(x, self.num_codebooks)
+
+    def _decode(self, codes: torch.Tensor, state: _DecoderState | None) -> torch.Tensor:
+        x = self.quantizer.decode(codes.to(device=self.downsample.weight.device, dtype=torch.long))
+        x = self.upsample(x, None if state is None else state.upsample)
+        x = self.decoder_transformer(x, None if state is None else state.transformer)
+        return self.decoder(x, None if state is None else state.seanet).float()
+
+    def _check_wav(self, wav: torch.Tensor) -> None:
+        if not isinstance(wav, torch.Tensor) or wav.dim() != 3:
+            raise ValueError(f"audio must be a tensor [batch, 1, samples], got {_describe(wav)}")
+        if wav.shape[1] != 1:
+            raise ValueError(f"Mimi encodes mono audio: expected 1 channel, got {wav.shape[1]} (downmix first)")
+        if wav.shape[0] == 0 or wav.shape[2] == 0:
+            raise ValueError(f"audio is empty: shape {tuple(wav.shape)}")
+        if not wav.is_floating_point():
+            raise ValueError(f"audio must be floating point samples in [-1, 1], got dtype {wav.dtype}")
+        if not torch.isfinite(wav).all():
+            raise ValueError("audio contains NaN or infinite samples")
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 3:
+            raise ValueError(f"codes must be a tensor [batch, codebooks, frames], got {_describe(codes)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+        batch, codebooks, frames = codes.shape
+        if batch == 0 or frames == 0:
+            raise ValueError(f"codes are empty: shape {tuple(codes.shape)}")
+        if not 1 <= codebooks <= self.config.num_codebooks:
+            raise ValueError(f"codes must have 1..{self.config.num_codebooks} codebooks, got {codebooks}")
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.config.codebook_size:
+            raise ValueError(
+                f"codes must be in 0..{self.config.codebook_size - 1}, got values in {low}..{high}"
+            )
+
+
+@dataclass
+class _EncoderState:
+    seanet: SEANetState
+    transformer: TransformerState
+    downsample: ConvState
+
+
+@dataclass
+class _DecoderState:
+    upsample: ConvState
+    transformer: TransformerState
+    seanet: SEANetState
+
+
+class EncodeStream:
+    """Encodes audio chunk by chunk, with the codes `Mimi.encode` gives for the whole.
+
+    `step(wav [B, 1, n * 1920])` returns codes [B, K, n]; `reset()` starts a new stream.
+    """
+
+    def __init__(self, mimi: Mimi, batch_size: int):
+        self.mimi = mimi
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        mimi = self.mimi
+        self._state = _EncoderState(
+            mimi.encoder.new_state(), mimi.encoder_transformer.new_state(), ConvState()
+        )
+
+    @torch.inference_mode()
+    def step(self, wav: torch.Tensor) -> torch.Tensor:
+        self.mimi._check_wav(wav)
+        if wav.shape[0] != self.batch_size:
+            raise ValueError(f"this stream has batch size {self.batch_size}, got audio of batch {wav.shape[0]}")
+        if wav.shape[-1] % self.mimi.frame_size:
+            raise ValueError(
+                f"stream audio in multiples of {self.mimi.frame_size} samples, got {wav.shape[-1]}; "
+                f"pad the end of the stream with zeros or use Mimi.encode"
+            )
+        return self.mimi._encode(wav, self._state)
+
+
+class DecodeStream:
+    """Decodes codes frame by frame, with the audio `Mimi.decode` gives for the whole.
+
+    `step(codes [B, K, t])` returns audio [B, 1, t * 1920]; `reset()` starts a new stream.
+    """
+
+    def __init__(self, mimi: Mimi, batch_size: int):
+        self.mimi = mimi
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        mimi = self.mimi
+        self._state = _DecoderState(ConvState(), mimi.decoder_transformer.new_state(), mimi.decoder.new_state())
+
+    @torch.inference_mode()
+    def step(self, codes: torch.Tensor) -> torch.Tensor:
+        self.mimi._check_codes(codes)
+        if codes.shape[0] != self.batch_size:
+            raise ValueError(f"this stream has batch size {self.batch_size}, got codes of batch {codes.shape[0]}")
+        return self.mimi._decode(codes, self._state)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,78 @@
+"""Causal 1-d convolutions that run either on a whole signal or chunk by chunk.
+
+A convolution called without a state pads the whole signal the way Mimi was trained and
+run by CSM (moshi 0.2.2, transformers `MimiModel`): on the left by `kernel - stride`, and on
+the right by just enough for the last window to be full. Called with a state, it consumes a
+chunk whose length is a multiple of the stride and keeps the input tail that the next chunk
+needs; the chunks then give exactly the samples of the whole-signal call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ConvState:
+    """Input samples not yet consumed by a full window; None before the first chunk."""
+
+    tail: torch.Tensor | None = None
+
+
+class CausalConv1d(nn.Conv1d):
+    """`nn.Conv1d` with causal padding; `pad_mode` is "constant" (zeros) or "replicate"."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        *,
+        bias: bool = True,
+        pad_mode: str = "constant",
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias)
+        self.pad_mode = pad_mode
+        self.left_padding = kernel_size - stride
+
+    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        if state is None:
+            right_padding = -x.shape[-1] % self.stride[0]
+            return super().forward(F.pad(x, (self.left_padding, right_padding), mode=self.pad_mode))
+        if state.tail is None:
+            state.tail = self._initial_tail(x)
+        x = torch.cat([state.tail, x], dim=-1)
+        frames = (x.shape[-1] - self.kernel_size[0]) // self.stride[0] + 1
+        state.tail = x[..., frames * self.stride[0] :]
+        return super().forward(x)
+
+    def _initial_tail(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_mode == "replicate":
+            return x[..., :1].expand(-1, -1, self.left_padding)
+        return x.new_zeros(x.shape[0], x.shape[1], self.left_padding)
+
+
+class CausalConvTranspose1d(nn.ConvTranspose1d):
+    """`nn.ConvTranspose1d` that gives `stride` samples per input step.
+
+    The last `kernel - stride` output samples of a chunk are incomplete: the whole-signal call
+    drops them, the chunked call keeps them in its state and adds them to the next chunk.
+    """
+
+    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        length = x.shape[-1] * self.stride[0]
+        y = super().forward(x)
+        if state is None:
+            return y[..., :length]
+        if state.tail is not None:
+            overlap = state.tail.shape[-1]
+            y = torch.cat([y[..., :overlap] + state.tail, y[..., overlap:]], dim=-1)
+        tail = y[..., length:]
+        # The next chunk adds its own bias to these samples.
+        state.tail = tail - self.bias[:, None] if self.bias is not None else tail
+        return y[..., :length]

@@ -1,0 +1,71 @@
+"""Streaming encode and decode give what the whole-signal calls give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def split(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(tensor, sizes, dim=-1))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def codes():
+    return torch.randint(0, 2048, (2, 32, 6), generator=torch.Generator().manual_seed(0))
+
+
+def test_decode_frame_by_frame_equals_full_decode(mimi, codes):
+    stream = mimi.decode_stream(batch_size=2)
+    chunks = [stream.step(codes[..., t : t + 1]) for t in range(codes.shape[-1])]
+    assert all(chunk.shape == (2, 1, 1920) for chunk in chunks)
+    assert relative_error(torch.cat(chunks, dim=-1), mimi.decode(codes)) < 1e-5
+
+
+def test_decode_chunks_of_several_frames_and_reset(mimi, codes):
+    stream = mimi.decode_stream(batch_size=2)
+    first = torch.cat([stream.step(chunk) for chunk in split(codes, [2, 3, 1])], dim=-1)
+    stream.reset()
+    again = torch.cat([stream.step(chunk) for chunk in split(codes, [1, 5])], dim=-1)
+    full = mimi.decode(codes)
+    assert relative_error(first, full) < 1e-5
+    assert relative_error(again, full) < 1e-5
+
+
+def test_encode_stream_equals_full_encode(mimi):
+    wav = 0.1 * torch.randn(2, 1, 5 * 1920, generator=torch.Generator().manual_seed(1))
+    stream = mimi.encode_stream(batch_size=2)
+    streamed = torch.cat([stream.step(chunk) for chunk in split(wav, [1920, 2 * 1920, 1920, 1920])], dim=-1)
+    assert torch.equal(streamed, mimi.encode(wav))
+    stream.reset()
+    assert torch.equal(stream.step(wav[..., :1920]), mimi.encode(wav[..., :1920]))
+
+
+def test_streams_past_the_attention_window(tiny_reference_pair):
+    # 126 frames = 252 steps at 25 Hz: the caches must drop what falls out of the window.
+    _, tiny = tiny_reference_pair
+    generator = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 2048, (1, 8, 126), generator=generator)
+    decoder = tiny.decode_stream()
+    streamed = torch.cat([decoder.step(chunk) for chunk in split(codes, [1] * 6 + [120])], dim=-1)
+    assert relative_error(streamed, tiny.decode(codes)) < 1e-5
+
+    wav = 0.1 * torch.randn(1, 1, 126 * 1920, generator=generator)
+    encoder = tiny.encode_stream()
+    streamed_codes = torch.cat([encoder.step(chunk) for chunk in split(wav, [1920] * 6 + [120 * 1920])], dim=-1)
+    assert torch.equal(streamed_codes, tiny.encode(wav))
+
+
+def test_stream_rejects_bad_chunks(mimi, codes):
+    with pytest.raises(ValueError, match="multiples of 1920"):
+        mimi.encode_stream().step(torch.zeros(1, 1, 1000))
+    with pytest.raises(ValueError, match="batch size 1"):
+        mimi.encode_stream().step(torch.zeros(2, 1, 1920))
+    with pytest.raises(ValueError, match="batch size 1"):
+        mimi.decode_stream().step(codes)
+    with pytest.raises(ValueError, match="0..2047"):
+        mimi.decode_stream().step(torch.full((1, 32, 1), 2048))
