@@ -1,0 +1,206 @@
+"""CSM-1B on CPU: loading and generation speed, ours against transformers on the same weights.
+
+    python benchmarks/bench_csm.py [--frames 8] [--workdir /tmp/csm-bench]
+
+Writes a full-size CSM-1B checkpoint with random weights in the original layout (fp32,
+6.2 GB) once, then:
+- loads it in fp32 and in bf16, each in a fresh process, reporting the load time and the
+  peak memory it added (to compare with the loaded model's size);
+- times generation in seconds per frame (a short text prompt, then a fixed number of frames,
+  end of speech not checked) for our CSM in fp32 and bf16 and for transformers'
+  `CsmForConditionalGeneration.generate` in fp32 holding the same weights.
+Needs about 16 GB of free memory; transformers is the only extra package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import csm.checkpoints  # noqa: F401 - imported up front so that its import is not counted as loading memory
+from csm.model import CSM, CSMConfig
+
+PROMPT_LENGTH = 24
+WARMUP_FRAMES = 1
+
+
+def write_random_checkpoint(directory: Path, config: CSMConfig, seed: int = 0) -> Path:
+    """model.safetensors + config.json with random fp32 weights, written tensor by tensor."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        return directory
+    with torch.device("meta"):
+        shapes = {name: tuple(tensor.shape) for name, tensor in CSM(config).state_dict().items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    generator = torch.Generator().manual_seed(seed)
+    partial = weights.with_suffix(".partial")
+    with partial.open("wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for name, shape in shapes.items():
+            file.write(memoryview(_random_tensor(name, shape, generator).numpy()).cast("B"))
+    partial.rename(weights)
+    (directory / "config.json").write_text(json.dumps(config.to_dict()))
+    return directory
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    values = torch.randn(shape, generator=generator)
+    if name.endswith(".scale"):
+        return 1 + 0.1 * values
+    if name.endswith("embeddings.weight"):
+        return values
+    fan_in = shape[-2] if name == "audio_head" else shape[-1]
+    return values / fan_in**0.5
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss_bytes() -> int:
+    # Linux: the second field of statm is the resident set, in pages.
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def load_in_fresh_process(directory: Path, dtype: str) -> dict:
+    """Load time and memory of `CSM.from_pretrained` in a process of its own."""
+    output = subprocess.run(
+        [sys.executable, __file__, "--measure-load", str(directory), dtype], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def measure_load(directory: str, dtype: str) -> None:
+    before = _current_rss_bytes()
+    start = time.perf_counter()
+    model = CSM.from_pretrained(directory, dtype=getattr(torch, dtype))
+    seconds = time.perf_counter() - start
+    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    print(json.dumps({"seconds": seconds, "model_bytes": size, "added_rss_bytes": _peak_rss_bytes() - before}))
+
+
+def text_prompt(config: CSMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(config.text_vocab_size, (1, PROMPT_LENGTH), generator=torch.Generator().manual_seed(1))
+    tokens = torch.zeros(1, PROMPT_LENGTH, config.audio_num_codebooks + 1, dtype=torch.long)
+    tokens[..., -1] = ids
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[..., -1] = True
+    return tokens, mask
+
+
+@torch.inference_mode()
+def ours_seconds_per_frame(model: CSM, frames: int) -> float:
+    tokens, mask = text_prompt(model.config)
+    model.setup_caches(1)
+    generator = torch.Generator().manual_seed(0)
+    positions = torch.arange(PROMPT_LENGTH).unsqueeze(0)
+    frame = model.generate_frame(tokens, mask, positions, temperature=0.9, topk=50, generator=generator)
+    audio_mask = torch.ones(1, 1, model.config.audio_num_codebooks + 1, dtype=torch.bool)
+    audio_mask[..., -1] = False
+    start = None
+    for step in range(WARMUP_FRAMES + frames):
+        if step == WARMUP_FRAMES:
+            start = time.perf_counter()
+        tokens = torch.cat([frame, torch.zeros_like(frame[:, :1])], dim=1).unsqueeze(1)
+        positions = positions[:, -1:] + 1
+        frame = model.generate_frame(tokens, audio_mask, positions, temperature=0.9, topk=50, generator=generator)
+    return (time.perf_counter() - start) / frames
+
+
+def transformers_model(model: CSM):
+    """transformers' CSM sharing our fp32 weights (q/k rows permuted into its layout)."""
+    from transformers import CsmForConditionalGeneration
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.csm.modeling_csm import CsmBackboneModelEmbeddings, CsmRotaryEmbedding
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.factories.csm import to_transformers_layout, transformers_config
+
+    with torch.device("meta"):
+        oracle = CsmForConditionalGeneration(transformers_config(model.config))
+    oracle.load_state_dict(to_transformers_layout(model.config, model.state_dict()), strict=False, assign=True)
+    # Buffers that are not in a state dict were built on the meta device: compute them.
+    for module in oracle.modules():
+        if isinstance(module, CsmRotaryEmbedding):
+            module.inv_freq = ROPE_INIT_FUNCTIONS[module.rope_type](module.config)[0]
+        elif isinstance(module, CsmBackboneModelEmbeddings):
+            module.audio_tokens_offsets = torch.arange(model.config.audio_num_codebooks) * model.config.audio_vocab_size
+    return oracle.eval()
+
+
+@torch.inference_mode()
+def transformers_seconds_per_frame(oracle, config: CSMConfig, frames: int) -> float:
+    """transformers' own generation loop (sampling in both stages, like ours)."""
+    input_ids = text_prompt(config)[0][..., -1]
+    options = dict(
+        do_sample=True, temperature=0.9, top_k=50,
+        depth_decoder_do_sample=True, depth_decoder_temperature=0.9, depth_decoder_top_k=50,
+    )
+    torch.manual_seed(0)
+    oracle.generate(input_ids=input_ids, max_new_tokens=WARMUP_FRAMES, **options)
+    start = time.perf_counter()
+    codes = oracle.generate(input_ids=input_ids, max_new_tokens=frames, **options)
+    # Generated frames [1, T, 32]; random weights practically never emit the all-zero frame.
+    return (time.perf_counter() - start) / codes.shape[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=8, help="frames timed per configuration")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench"), help="where the checkpoint goes")
+    parser.add_argument("--measure-load", nargs=2, metavar=("DIR", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_load:
+        measure_load(*args.measure_load)
+        return
+
+    start = time.perf_counter()
+    directory = write_random_checkpoint(args.workdir / "csm-1b-random", CSMConfig())
+    print(f"random full-size checkpoint: {directory} ({time.perf_counter() - start:.0f} s)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+
+    print("| load (fresh process) | seconds | model GB | peak RSS added GB | ratio |")
+    print("|---|---|---|---|---|")
+    for dtype in ("float32", "bfloat16"):
+        load = load_in_fresh_process(directory, dtype)
+        ratio = load["added_rss_bytes"] / load["model_bytes"]
+        print(
+            f"| {dtype} | {load['seconds']:.1f} | {load['model_bytes'] / 1e9:.2f} | "
+            f"{load['added_rss_bytes'] / 1e9:.2f} | {ratio:.2f} |"
+        )
+
+    rows = []
+    model = CSM.from_pretrained(directory)
+    rows.append(("csm fp32", ours_seconds_per_frame(model, args.frames)))
+    oracle = transformers_model(model)
+    rows.append(("transformers fp32", transformers_seconds_per_frame(oracle, model.config, args.frames)))
+    del oracle, model
+    model = CSM.from_pretrained(directory, dtype=torch.bfloat16)
+    rows.append(("csm bf16", ours_seconds_per_frame(model, args.frames)))
+
+    baseline = rows[1][1]
+    print(f"\n| generation, batch 1, {args.frames} frames | s/frame | speed-up vs transformers fp32 |")
+    print("|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
