@@ -106,3 +106,18 @@ def test_a_file_that_is_not_safetensors(tmp_path):
 def test_a_folder_without_weights(tmp_path):
     with pytest.raises(WeightsNotFoundError, match=MOSHI_FILE):
         Mimi.from_pretrained(tmp_path)
+
+
+def test_default_repo_from_the_offline_hub_cache(monkeypatch, tmp_path, moshi_checkpoint, mimi):
+    from huggingface_hub import constants as hub_constants
+
+    commit = "0" * 40
+    repo = tmp_path / "models--kyutai--moshiko-pytorch-bf16"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / MOSHI_FILE).symlink_to(moshi_checkpoint)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    assert_same_weights(Mimi.from_pretrained(), mimi)

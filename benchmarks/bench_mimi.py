@@ -1,0 +1,134 @@
+"""Mimi speed: ours against transformers `MimiModel` and (if installed) moshi, same weights.
+
+    python benchmarks/bench_mimi.py [--seconds 10] [--frames 25] [--threads N]
+
+Writes random full-size weights (moshi and transformers layouts, identical values) to a
+temporary folder, then times encoding and decoding `--seconds` of audio with every
+implementation (best of 3 after a warm-up), and streaming decode one frame at a time.
+moshi is optional: `pip install --no-deps moshi==0.2.2 einops sentencepiece`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi reads it at import
+
+from csm.mimi import Mimi  # noqa: E402
+from tests.factories.mimi import write_moshi_checkpoint, write_transformers_checkpoint  # noqa: E402
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def per_frame_latency(step: Callable[[torch.Tensor], object], codes: torch.Tensor) -> float:
+    """Mean seconds per `step(frame)` over the frames of `codes` (after one warm-up frame)."""
+    step(codes[..., :1])
+    start = time.perf_counter()
+    for t in range(1, codes.shape[-1]):
+        step(codes[..., t : t + 1])
+    return (time.perf_counter() - start) / (codes.shape[-1] - 1)
+
+
+def load_implementations(folder: Path) -> dict[str, tuple[Callable, Callable, Callable]]:
+    """name -> (encode(wav), decode(codes), streaming decode latency(codes))."""
+    moshi_file = write_moshi_checkpoint(folder, seed=0)
+    write_transformers_checkpoint(folder / "transformers", seed=0)
+    ours = Mimi.from_pretrained(moshi_file)
+
+    def ours_stream(codes):
+        stream = ours.decode_stream(codes.shape[0])
+        return per_frame_latency(stream.step, codes)
+
+    implementations = {"csm.mimi": (ours.encode, ours.decode, ours_stream)}
+
+    from transformers import MimiModel
+
+    reference = MimiModel.from_pretrained(folder / "transformers").eval()
+
+    def hf_encode(wav):
+        with torch.inference_mode():
+            return reference.encode(wav).audio_codes
+
+    def hf_decode(codes):
+        with torch.inference_mode():
+            return reference.decode(codes).audio_values
+
+    implementations["transformers"] = (hf_encode, hf_decode, None)
+    try:
+        from moshi.models.loaders import get_mimi
+    except ImportError:
+        print("moshi not installed: comparing with transformers only")
+        return implementations
+    # moshi 0.2.2 imports bitsandbytes in every linear layer but only uses it for int8 weights.
+    sys.modules.setdefault("bitsandbytes", ModuleType("bitsandbytes"))
+    moshi = get_mimi(moshi_file, num_codebooks=32).eval()
+
+    def moshi_encode(wav):
+        with torch.inference_mode():
+            return moshi.encode(wav)
+
+    def moshi_decode(codes):
+        with torch.inference_mode():
+            return moshi.decode(codes)
+
+    def moshi_stream(codes):
+        with torch.inference_mode(), moshi.streaming(codes.shape[0]):
+            return per_frame_latency(moshi.decode, codes)
+
+    implementations["moshi 0.2.2"] = (moshi_encode, moshi_decode, moshi_stream)
+    return implementations
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--frames", type=int, default=25, help="frames for the streaming latency")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    wav = 0.1 * torch.randn(1, 1, int(args.seconds * 24000))
+    codes = torch.randint(0, 2048, (1, 32, int(args.seconds * 12.5)))
+    stream_codes = codes[..., : args.frames]
+
+    with tempfile.TemporaryDirectory() as folder:
+        implementations = load_implementations(Path(folder))
+    print(f"{args.seconds:g} s of audio, batch 1, fp32, {args.threads} threads, torch {torch.__version__}")
+    print(f"{'implementation':<16}{'encode s':>10}{'x rt':>8}{'decode s':>10}{'x rt':>8}{'stream ms/frame':>17}")
+    results = {}
+    for name, (encode, decode, stream) in implementations.items():
+        encode_s, decode_s = best_time(lambda: encode(wav)), best_time(lambda: decode(codes))
+        stream_s = stream(stream_codes) if stream else float("nan")
+        results[name] = (encode_s, decode_s, stream_s)
+        print(
+            f"{name:<16}{encode_s:>10.3f}{args.seconds / encode_s:>8.1f}"
+            f"{decode_s:>10.3f}{args.seconds / decode_s:>8.1f}{stream_s * 1000:>17.1f}"
+        )
+    ours = results.pop("csm.mimi")
+    for column, label in ((0, "encode"), (1, "decode"), (2, "stream")):
+        rivals = {name: r[column] for name, r in results.items() if r[column] == r[column]}
+        if rivals:
+            best = min(rivals, key=rivals.get)
+            print(f"{label}: csm.mimi is {rivals[best] / ours[column]:.2f}x the speed of {best} (the fastest other)")
+
+
+if __name__ == "__main__":
+    main()
