@@ -82,9 +82,11 @@ class Watermarker:
         *,
         revision: str | None = None,
         device: torch.device | str | None = None,
+        search_batch_frames: int | None = None,
     ) -> Watermarker:
         """The published weights from a hub repo, or a local copy of the repo or of its
-        `44_1_khz/73999_iteration` folder. Only the files in use are fetched."""
+        `44_1_khz/73999_iteration` folder. Only the files in use are fetched: the message
+        decoder on the first decode."""
         if Path(source).expanduser().is_file():
             raise ValueError(f"{source} is a file: pass the silentcipher repo id or a folder with its checkpoints")
 
@@ -96,6 +98,7 @@ class Watermarker:
             load_carrier_decoder(fetch("dec_c.ckpt")),
             lambda: load_message_decoder(fetch("dec_m_0.ckpt")),
             device=device,
+            search_batch_frames=search_batch_frames,
         )
 
     @property
