@@ -173,7 +173,10 @@ class CSM(nn.Module):
         """Feed new positions, sample the next frame: codes [B, 32] int64.
 
         tokens [B, S, 33] int64, tokens_mask [B, S, 33] bool, input_pos [B, S] int64; the
-        frame follows the last of the S positions. Deciding when speech ends is the caller's.
+        frame follows the last of the S positions. Rows may be at different positions: to
+        batch prompts of different lengths, left-pad a shorter row with positions it has not
+        reached yet (its real positions never attend to them, and its next frames overwrite
+        them). Deciding when speech ends is the caller's.
         """
         last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]
         first = sample_topk(self.codebook0_head(last_hidden), topk, temperature, generator)
