@@ -9,6 +9,7 @@ position 0 for every frame.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ class CSM(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        source: str = "sesame/csm-1b",
+        source: str | os.PathLike[str] = "sesame/csm-1b",
         *,
         revision: str | None = None,
         device: torch.device | str | None = None,
