@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -112,10 +113,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         implementations = load_implementations(Path(folder))
     print(f"{args.seconds:g} s of audio, batch 1, fp32, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'implementation':<16}{'encode s':>10}{'x rt':>8}{'decode s':>10}{'x rt':>8}{'stream ms/frame':>17}")
+    print(
+        f"{'implementation':<16}{'encode s':>10}{'x rt':>8}{'decode s':>10}{'x rt':>8}{'stream ms/frame':>17}"
+    )
     results = {}
     for name, (encode, decode, stream) in implementations.items():
-        encode_s, decode_s = best_time(lambda: encode(wav)), best_time(lambda: decode(codes))
+        encode_s, decode_s = best_time(partial(encode, wav)), best_time(partial(decode, codes))
         stream_s = stream(stream_codes) if stream else float("nan")
         results[name] = (encode_s, decode_s, stream_s)
         print(
@@ -127,7 +130,8 @@ def main() -> None:
         rivals = {name: r[column] for name, r in results.items() if r[column] == r[column]}
         if rivals:
             best = min(rivals, key=rivals.get)
-            print(f"{label}: csm.mimi is {rivals[best] / ours[column]:.2f}x the speed of {best} (the fastest other)")
+            ratio = rivals[best] / ours[column]
+            print(f"{label}: csm.mimi is {ratio:.2f}x the speed of {best}, the fastest other")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from tests.factories.mimi import transformers_to_moshi, write_moshi_checkpoint
 
 # A small Mimi that keeps what matters for exactness: the real strides (1920 samples per
 # frame), head_dim 64, the 250-step window and 2048-entry codebooks.
-TINY = MimiConfig(num_filters=8, dim=128, num_layers=2, num_heads=2, ffn_dim=256, codebook_dim=32, num_codebooks=8)
+TINY = MimiConfig(
+    num_filters=8, dim=128, num_layers=2, num_heads=2, ffn_dim=256, codebook_dim=32, num_codebooks=8
+)
 
 
 def tiny_transformers_config():
@@ -43,7 +45,10 @@ def random_reference(config, seed: int):
     model = MimiModel(config).eval()
     with torch.no_grad():
         quantizer = model.quantizer
-        for group in (quantizer.semantic_residual_vector_quantizer, quantizer.acoustic_residual_vector_quantizer):
+        for group in (
+            quantizer.semantic_residual_vector_quantizer,
+            quantizer.acoustic_residual_vector_quantizer,
+        ):
             for layer in group.layers:
                 layer.codebook.embed_sum.normal_()
                 layer.codebook.cluster_usage.uniform_(0.5, 2.0)

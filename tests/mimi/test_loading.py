@@ -29,7 +29,7 @@ def test_moshi_and_transformers_layouts_load_the_same_model(tmp_path, mimi):
     write_transformers_checkpoint(tmp_path / "mimi", seed=0)
     from_transformers = Mimi.from_pretrained(tmp_path / "mimi")
     assert_same_weights(from_transformers, mimi)
-    codes = torch.randint(0, 2048, (1, 32, 3), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 2048, (1, 32, 2), generator=torch.Generator().manual_seed(0))
     assert torch.equal(from_transformers.decode(codes), mimi.decode(codes))
 
 
@@ -39,14 +39,19 @@ def test_folder_with_the_official_file_name(tmp_path, moshi_checkpoint, mimi):
 
 
 def test_codec_inside_a_transformers_csm_checkpoint(tmp_path, mimi):
-    state = {f"codec_model.{name}": tensor for name, tensor in moshi_to_transformers(random_moshi_state_dict(0)).items()}
+    state = {
+        f"codec_model.{name}": tensor
+        for name, tensor in moshi_to_transformers(random_moshi_state_dict(0)).items()
+    }
     state["backbone_model.norm.weight"] = torch.ones(8)
     save_file(state, tmp_path / "model.safetensors")
     assert_same_weights(Mimi.from_pretrained(tmp_path), mimi)
 
 
 def test_sharded_csm_checkpoint_reads_only_the_codec_shard(tmp_path, mimi):
-    codec = {f"codec_model.{name}": t for name, t in moshi_to_transformers(random_moshi_state_dict(0)).items()}
+    codec = {
+        f"codec_model.{name}": t for name, t in moshi_to_transformers(random_moshi_state_dict(0)).items()
+    }
     save_file(codec, tmp_path / "model-00002-of-00002.safetensors")
     weight_map = {name: "model-00002-of-00002.safetensors" for name in codec}
     weight_map["backbone_model.norm.weight"] = "model-00001-of-00002.safetensors"  # never opened

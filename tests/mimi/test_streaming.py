@@ -56,7 +56,9 @@ def test_streams_past_the_attention_window(tiny_reference_pair):
 
     wav = 0.1 * torch.randn(1, 1, 126 * 1920, generator=generator)
     encoder = tiny.encode_stream()
-    streamed_codes = torch.cat([encoder.step(chunk) for chunk in split(wav, [1920] * 6 + [120 * 1920])], dim=-1)
+    streamed_codes = torch.cat(
+        [encoder.step(chunk) for chunk in split(wav, [1920] * 6 + [120 * 1920])], dim=-1
+    )
     assert torch.equal(streamed_codes, tiny.encode(wav))
 
 

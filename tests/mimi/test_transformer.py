@@ -29,6 +29,6 @@ def test_rope_rotates_interleaved_pairs():
     cos, sin = rope_tables(3, 1, 4, 10000.0, torch.device("cpu"))
     x = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 1, 4)
     rotated = apply_rope(x, cos, sin).flatten()
-    angles = 3 * torch.tensor([1.0, 10000.0 ** -0.5])
+    angles = 3 * torch.tensor([1.0, 10000.0**-0.5])
     expected = torch.stack([angles[0].cos(), angles[0].sin(), -angles[1].sin(), angles[1].cos()])
     assert torch.allclose(rotated, expected, atol=1e-6)

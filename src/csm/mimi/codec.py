@@ -25,8 +25,9 @@ DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
 class Mimi(nn.Module):
     """The Mimi codec. `num_codebooks` (1..32) is how many codebooks `encode` returns."""
 
-    def __init__(self, config: MimiConfig = MimiConfig(), num_codebooks: int | None = None):
+    def __init__(self, config: MimiConfig | None = None, num_codebooks: int | None = None):
         super().__init__()
+        config = MimiConfig() if config is None else config
         num_codebooks = config.num_codebooks if num_codebooks is None else num_codebooks
         if not 1 <= num_codebooks <= config.num_codebooks:
             raise ValueError(f"num_codebooks must be in 1..{config.num_codebooks}, got {num_codebooks}")
@@ -35,11 +36,21 @@ class Mimi(nn.Module):
         self.encoder = SEANetEncoder(config)
         self.encoder_transformer = Transformer(config)
         self.downsample = CausalConv1d(
-            config.dim, config.dim, 2 * config.frame_stride, config.frame_stride, bias=False, pad_mode="replicate"
+            config.dim,
+            config.dim,
+            2 * config.frame_stride,
+            config.frame_stride,
+            bias=False,
+            pad_mode="replicate",
         )
         self.quantizer = SplitResidualQuantizer(config)
         self.upsample = CausalConvTranspose1d(
-            config.dim, config.dim, 2 * config.frame_stride, config.frame_stride, groups=config.dim, bias=False
+            config.dim,
+            config.dim,
+            2 * config.frame_stride,
+            config.frame_stride,
+            groups=config.dim,
+            bias=False,
         )
         self.decoder_transformer = Transformer(config)
         self.decoder = SEANetDecoder(config)
@@ -123,7 +134,9 @@ class Mimi(nn.Module):
         if not isinstance(wav, torch.Tensor) or wav.dim() != 3:
             raise ValueError(f"audio must be a tensor [batch, 1, samples], got {_describe(wav)}")
         if wav.shape[1] != 1:
-            raise ValueError(f"Mimi encodes mono audio: expected 1 channel, got {wav.shape[1]} (downmix first)")
+            raise ValueError(
+                f"Mimi encodes mono audio: expected 1 channel, got {wav.shape[1]} (downmix first)"
+            )
         if wav.shape[0] == 0 or wav.shape[2] == 0:
             raise ValueError(f"audio is empty: shape {tuple(wav.shape)}")
         if not wav.is_floating_point():
@@ -183,7 +196,9 @@ class EncodeStream:
     def step(self, wav: torch.Tensor) -> torch.Tensor:
         self.mimi._check_wav(wav)
         if wav.shape[0] != self.batch_size:
-            raise ValueError(f"this stream has batch size {self.batch_size}, got audio of batch {wav.shape[0]}")
+            raise ValueError(
+                f"this stream has batch size {self.batch_size}, got audio of batch {wav.shape[0]}"
+            )
         if wav.shape[-1] % self.mimi.frame_size:
             raise ValueError(
                 f"stream audio in multiples of {self.mimi.frame_size} samples, got {wav.shape[-1]}; "
@@ -205,13 +220,17 @@ class DecodeStream:
 
     def reset(self) -> None:
         mimi = self.mimi
-        self._state = _DecoderState(ConvState(), mimi.decoder_transformer.new_state(), mimi.decoder.new_state())
+        self._state = _DecoderState(
+            ConvState(), mimi.decoder_transformer.new_state(), mimi.decoder.new_state()
+        )
 
     @torch.inference_mode()
     def step(self, codes: torch.Tensor) -> torch.Tensor:
         self.mimi._check_codes(codes)
         if codes.shape[0] != self.batch_size:
-            raise ValueError(f"this stream has batch size {self.batch_size}, got codes of batch {codes.shape[0]}")
+            raise ValueError(
+                f"this stream has batch size {self.batch_size}, got codes of batch {codes.shape[0]}"
+            )
         return self.mimi._decode(codes, self._state)
 
 

@@ -66,7 +66,16 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
     convolutions is ~20x slower on the few steps of a streamed frame.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, *, groups: int = 1, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        *,
+        groups: int = 1,
+        bias: bool = True,
+    ):
         if kernel_size % stride:
             raise ValueError(f"kernel_size {kernel_size} must be a multiple of stride {stride}")
         super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)

@@ -22,7 +22,12 @@ class ResidualBlock(nn.Module):
         super().__init__()
         hidden = channels // 2
         self.block = nn.ModuleList(
-            [nn.ELU(), CausalConv1d(channels, hidden, kernel_size), nn.ELU(), CausalConv1d(hidden, channels, 1)]
+            [
+                nn.ELU(),
+                CausalConv1d(channels, hidden, kernel_size),
+                nn.ELU(),
+                CausalConv1d(hidden, channels, 1),
+            ]
         )
 
     def forward(self, x: torch.Tensor, state: list[ConvState] | None = None) -> torch.Tensor:

@@ -60,7 +60,9 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)  # q, k, v stacked
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
         q, k, v = self.in_proj(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -84,7 +86,9 @@ class TransformerLayer(nn.Module):
         self.linear2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
         self.mlp_scale = nn.Parameter(torch.ones(config.dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
         x = x + self.attn_scale * self.attn(self.norm1(x), cos, sin, cache)
         return x + self.mlp_scale * self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
