@@ -111,8 +111,15 @@ def read_checkpoint(path: Path, find_shard: Callable[[str], Path]) -> dict[str, 
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -277,7 +284,9 @@ def detect_layout(stored: dict[str, StoredTensor]) -> str:
         return "original"
     if "lm_head.weight" in stored or any(name.startswith("backbone_model.") for name in stored):
         return "transformers"
-    raise CheckpointError(f"not a CSM checkpoint: neither original nor transformers keys (found {_first(sorted(stored), 5)})")
+    raise CheckpointError(
+        f"not a CSM checkpoint: neither original nor transformers keys (found {_first(sorted(stored), 5)})"
+    )
 
 
 _TRANSFORMERS_NAMES = {
@@ -337,4 +346,3 @@ def _unpermuted(tensor: StoredTensor, heads: int) -> StoredTensor:
         return weight.view(heads, 2, rows // heads // 2, dim).transpose(1, 2).reshape(rows, dim)
 
     return StoredTensor(tensor.shape, read)
-

@@ -170,8 +170,12 @@ class Llama(nn.Module):
         weight = self.norm.scale
         for layer in self.layers:
             layer.attn.cache = KVCache(
-                batch_size, self.config.num_kv_heads, num_positions, self.config.head_dim,
-                dtype=weight.dtype, device=weight.device,
+                batch_size,
+                self.config.num_kv_heads,
+                num_positions,
+                self.config.head_dim,
+                dtype=weight.dtype,
+                device=weight.device,
             )
         # The table is rounded to the weights' dtype, like the reference's (a bf16 model gets a
         # bf16 table); the rotation itself runs in float32.

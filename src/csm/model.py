@@ -92,7 +92,9 @@ class CSM(nn.Module):
         self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.dim)
         self.projection = nn.Linear(backbone.dim, decoder.dim, bias=False)
         self.codebook0_head = nn.Linear(backbone.dim, config.audio_vocab_size, bias=False)
-        self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, decoder.dim, config.audio_vocab_size))
+        self.audio_head = nn.Parameter(
+            torch.empty(config.audio_num_codebooks - 1, decoder.dim, config.audio_vocab_size)
+        )
 
     @property
     def max_seq_len(self) -> int:

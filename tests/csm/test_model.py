@@ -40,7 +40,7 @@ def generate(model, tokens, mask, positions, num_frames, **sampling):
 def test_rows_of_different_lengths_decode_as_if_alone(model):
     """A shorter prompt is left-padded with positions it has not reached yet: those slots are
     masked from its real positions and overwritten before they are read."""
-    greedy = dict(temperature=1.0, topk=1)
+    greedy = {"temperature": 1.0, "topk": 1}
     prompts = [text_prompt(7, seed=0), text_prompt(4, seed=1)]
     alone = []
     for tokens, mask in prompts:
@@ -73,7 +73,9 @@ def test_a_seed_reproduces_a_sampled_frame(model):
     for seed in (11, 11, 12):
         model.setup_caches(1)
         generator = torch.Generator().manual_seed(seed)
-        runs.append(generate(model, tokens[None], mask[None], positions, 2, temperature=0.9, topk=50, generator=generator))
+        runs.append(
+            generate(model, tokens[None], mask[None], positions, 2, temperature=0.9, topk=50, generator=generator)
+        )
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
     assert runs[0].dtype == torch.long and runs[0].shape == (1, 2, 32)

@@ -9,7 +9,7 @@ from tests.factories.csm import random_state_dict, tiny_config, transformers_mod
 pytest.importorskip("transformers")
 
 NUM_CODEBOOKS = 32
-TOLERANCE = dict(atol=1e-5, rtol=1e-5)
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(scope="module")

@@ -97,9 +97,17 @@ def transformers_config(config: CSMConfig):
 
     backbone, decoder = config.backbone, config.decoder
     codec = MimiConfig(
-        hidden_size=32, num_filters=4, codebook_size=64, codebook_dim=16, vector_quantization_hidden_dimension=16,
-        upsample_groups=32, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=16,
+        hidden_size=32,
+        num_filters=4,
+        codebook_size=64,
+        codebook_dim=16,
+        vector_quantization_hidden_dimension=16,
+        upsample_groups=32,
+        num_hidden_layers=1,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
     )
     return CsmConfig(
         num_codebooks=config.audio_num_codebooks,
@@ -162,10 +170,16 @@ def to_transformers_layout(config: CSMConfig, state: dict[str, torch.Tensor]) ->
         "audio_head": "depth_decoder.codebooks_head.weight",
     }
     parts = {
-        "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
-        "attn.output_proj": "self_attn.o_proj", "mlp.w1": "mlp.gate_proj", "mlp.w2": "mlp.down_proj",
-        "mlp.w3": "mlp.up_proj", "sa_norm.scale": "input_layernorm.weight",
-        "mlp_norm.scale": "post_attention_layernorm.weight", "norm.scale": "norm.weight",
+        "attn.q_proj": "self_attn.q_proj",
+        "attn.k_proj": "self_attn.k_proj",
+        "attn.v_proj": "self_attn.v_proj",
+        "attn.output_proj": "self_attn.o_proj",
+        "mlp.w1": "mlp.gate_proj",
+        "mlp.w2": "mlp.down_proj",
+        "mlp.w3": "mlp.up_proj",
+        "sa_norm.scale": "input_layernorm.weight",
+        "mlp_norm.scale": "post_attention_layernorm.weight",
+        "norm.scale": "norm.weight",
     }
     out = {"depth_decoder.model.embed_tokens.weight": state["audio_embeddings.weight"]}
     for name, tensor in state.items():
