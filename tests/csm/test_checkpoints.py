@@ -172,3 +172,25 @@ def test_offline_and_not_cached_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="not in the local cache and HF_HUB_OFFLINE is set"):
         CSM.from_pretrained("sesame/csm-1b")
+
+
+def test_csm_1b_has_the_published_keys_and_shapes():
+    with torch.device("meta"):
+        state = CSM(CSMConfig()).state_dict()
+    assert len(state) == 187
+    assert sum(tensor.numel() for tensor in state.values()) == 1_552_791_552
+    published = {
+        "audio_head": (31, 1024, 2051),
+        "backbone.layers.15.attn.k_proj.weight": (512, 2048),
+        "backbone.layers.0.attn.output_proj.weight": (2048, 2048),
+        "backbone.layers.3.mlp.w2.weight": (2048, 8192),
+        "backbone.norm.scale": (2048,),
+        "decoder.layers.3.attn.v_proj.weight": (256, 1024),
+        "decoder.layers.0.mlp_norm.scale": (1024,),
+        "text_embeddings.weight": (128256, 2048),
+        "audio_embeddings.weight": (65632, 2048),
+        "projection.weight": (1024, 2048),
+        "codebook0_head.weight": (2051, 2048),
+    }
+    for name, shape in published.items():
+        assert tuple(state[name].shape) == shape, name
