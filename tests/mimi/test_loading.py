@@ -56,6 +56,8 @@ def test_sharded_csm_checkpoint_reads_only_the_codec_shard(tmp_path, mimi):
     weight_map = {name: "model-00002-of-00002.safetensors" for name in codec}
     weight_map["backbone_model.norm.weight"] = "model-00001-of-00002.safetensors"  # never opened
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    # An original-layout CSM file beside the shards has no codec: the index wins.
+    save_file({"backbone.layers.0.attn.q_proj.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     assert_same_weights(Mimi.from_pretrained(tmp_path), mimi)
 
 

@@ -24,7 +24,9 @@ from csm.errors import CheckpointError
 from csm.hub import resolve_file, resolve_files
 
 MOSHI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-CANDIDATES = (MOSHI_FILE, "model.safetensors", "model.safetensors.index.json")
+# A sharded index comes before model.safetensors: a CSM repo may hold both an original-layout
+# model.safetensors (no codec inside) and transformers-layout shards (codec_model.*).
+CANDIDATES = (MOSHI_FILE, "model.safetensors.index.json", "model.safetensors")
 CSM_PREFIX = "codec_model."
 
 # (pattern, replacement) applied in order; a key no rule maps is unexpected.
