@@ -50,7 +50,9 @@ def load_csm(
 ) -> CSM:
     """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`."""
     weights_path = hub.resolve_file(source, WEIGHT_FILES, revision=revision)
-    stored = read_checkpoint(weights_path, lambda name: hub.resolve_file(source, [name], revision=revision))
+    # Shards of a hub repo may still have to be downloaded; local shards must lie beside their index.
+    find_shard = None if hub.is_local(source) else lambda name: hub.resolve_file(source, [name], revision=revision)
+    stored = read_checkpoint(weights_path, find_shard)
     config = _read_config(source, weights_path, revision)
     layout = detect_layout(stored)
     if layout == "transformers":
@@ -99,8 +101,11 @@ def _first(names: list[str], limit: int = 8) -> str:
 _IGNORED = re.compile(r".*_causal_mask$")
 
 
-def read_checkpoint(path: Path, find_shard: Callable[[str], Path]) -> dict[str, StoredTensor]:
-    """Tensors of a safetensors file, a sharded safetensors index, or a torch `ckpt.pt`."""
+def read_checkpoint(path: Path, find_shard: Callable[[str], Path] | None = None) -> dict[str, StoredTensor]:
+    """Tensors of a safetensors file, a sharded safetensors index, or a torch `ckpt.pt`.
+
+    Shards of an index are looked for beside it, else through `find_shard` when given.
+    """
     if path.suffix == ".json":
         tensors = _read_sharded(path, find_shard)
     elif zipfile.is_zipfile(path):
@@ -166,7 +171,7 @@ def _reader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...])
     return read
 
 
-def _read_sharded(index_path: Path, find_shard: Callable[[str], Path]) -> dict[str, StoredTensor]:
+def _read_sharded(index_path: Path, find_shard: Callable[[str], Path] | None) -> dict[str, StoredTensor]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
@@ -174,6 +179,8 @@ def _read_sharded(index_path: Path, find_shard: Callable[[str], Path]) -> dict[s
     tensors = {}
     for shard in sorted(set(weight_map.values())):
         beside = index_path.parent / shard
+        if not beside.is_file() and find_shard is None:
+            raise CheckpointError(f"{index_path} lists the shard {shard}, which is not beside it")
         shard_tensors = _read_safetensors(beside if beside.is_file() else find_shard(shard))
         tensors.update({name: tensor for name, tensor in shard_tensors.items() if weight_map.get(name) == shard})
     return tensors
