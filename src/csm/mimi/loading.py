@@ -15,6 +15,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -87,17 +88,18 @@ def read_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """Read Mimi weights from safetensors files in any published layout, tensor by tensor
     straight into `dtype` on `device`, and map them to the internal layout."""
-    handles = [_open(file) for file in files]
-    keys = {key: handle for handle in handles for key in handle.keys()}
-    prefix = CSM_PREFIX if any(key.startswith(CSM_PREFIX + "encoder.") for key in keys) else ""
-    names = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
-    rules = _layout_rules(names, files[0])
     raw: dict[str, torch.Tensor] = {}
-    for name in names:
-        internal = _rename(name, rules)
-        # Codebook statistics stay fp32 until their quotient is taken.
-        target = torch.float32 if _CODEBOOK_PART.match(internal) else dtype
-        raw[internal] = keys[prefix + name].get_tensor(prefix + name).to(device=device, dtype=target)
+    with ExitStack() as stack:
+        handles = [stack.enter_context(_open(file)) for file in files]
+        keys = {key: handle for handle in handles for key in handle.keys()}
+        prefix = CSM_PREFIX if any(key.startswith(CSM_PREFIX + "encoder.") for key in keys) else ""
+        names = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
+        rules = _layout_rules(names, files[0])
+        for name in names:
+            internal = _rename(name, rules)
+            # Codebook statistics stay fp32 until their quotient is taken.
+            target = torch.float32 if _CODEBOOK_PART.match(internal) else dtype
+            raw[internal] = keys[prefix + name].get_tensor(prefix + name).to(device=device, dtype=target)
     return _assemble_codebooks(_fuse_qkv(raw), dtype)
 
 
