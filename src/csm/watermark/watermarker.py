@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from csm import hub
@@ -180,7 +181,7 @@ class Watermarker:
             return _not_found(NOT_FOUND)
         return {"messages": [decoded.message], "confidences": [decoded.confidence], "status": True}
 
-    def _best_grid(self, clip: torch.Tensor, shifts: Sequence[int]):
+    def _best_grid(self, clip: torch.Tensor, shifts: Sequence[int]) -> np.ndarray:
         """The symbol grid of the first shift with the highest consistency score.
 
         No shift can beat a perfect score, so the search stops at the first one.
