@@ -227,6 +227,8 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
     from csm.longform import generate_turns
 
     frame_size = generator.sample_rate * 80 // 1000
+    if args.stream and not args.no_watermark:
+        print("csm: note: streamed audio is not watermarked (the watermark needs the whole clip)", file=sys.stderr)
     started = time.perf_counter()
     # The delay keeps the bar off screen when the arguments fail at once (one error line).
     with tqdm(desc="generating", unit="frame", file=sys.stderr, delay=0.5) as bar:

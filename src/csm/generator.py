@@ -24,6 +24,7 @@ from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import audio_frames, load_tokenizer, text_frames
 from csm.watermark import CSM_KEY, Watermarker
+from csm.watermark.message import check_key
 
 FRAME_MS = 80
 
@@ -60,7 +61,7 @@ class Generator:
         self._mimi = mimi
         self._tokenizer = tokenizer
         self._watermarker = watermarker
-        self._watermark_key = list(watermark_key)
+        self._watermark_key = list(check_key(watermark_key))
         self._context_codes = _CodeCache(self._encode, context_cache_size)
         self._run = 0
         self.sample_rate = mimi.sample_rate
@@ -225,14 +226,23 @@ def load_csm_1b(
     reference's public key, False for none, or your own 5-byte key; `revision` pins the
     model repo.
     """
+    key = _watermark_key(watermark)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     network = CSM.from_pretrained(model, revision=revision, device=device, dtype=dtype)
     codec = Mimi.from_pretrained(mimi, device=device, dtype=torch.float32, num_codebooks=32)
     text_tokenizer = load_tokenizer(tokenizer, model_source=model, revision=revision)
-    key = CSM_KEY if watermark is True else watermark
     marker = Watermarker.from_pretrained(watermarker, device=device) if key else None
     return Generator(network, codec, text_tokenizer, marker, watermark_key=key or CSM_KEY)
+
+
+def _watermark_key(watermark: bool | Sequence[int]) -> tuple[int, ...] | None:
+    """The key that `load_csm_1b(watermark=...)` asks for, checked before anything loads."""
+    if watermark is True:
+        return tuple(CSM_KEY)
+    if watermark is False or watermark is None:
+        return None
+    return check_key(watermark)
 
 
 def _max_frames(max_audio_length_ms: float) -> int:

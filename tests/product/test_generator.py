@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from csm import Segment
+from csm import Segment, load_csm_1b
+from csm.errors import WeightsNotFoundError
 from csm.text import text_frames
 from tests.product.conftest import speech_like
 
@@ -153,3 +154,18 @@ def test_bad_arguments_are_named(plain_generator, arguments, message):
         plain_generator.generate(**call)
     with pytest.raises(ValueError, match=message):
         plain_generator.generate_stream(**call)
+
+
+def test_load_csm_1b_runs_offline_from_local_files(assets):
+    generator = load_csm_1b(
+        "cpu", dtype=torch.float32, model=str(assets.model), mimi=str(assets.mimi), watermarker=str(assets.watermarker)
+    )
+    assert generator.sample_rate == 24_000 and generator.device == torch.device("cpu")
+    assert generator.generate("Hello.", 0, [], max_audio_length_ms=160, seed=0).shape == (2 * FRAME,)
+
+
+def test_load_csm_1b_names_what_is_wrong(assets, tmp_path):
+    with pytest.raises(ValueError, match="watermark key"):
+        load_csm_1b("cpu", model=str(assets.model), watermark=[1, 2, 3])
+    with pytest.raises(WeightsNotFoundError, match="neither an existing file or folder"):
+        load_csm_1b("cpu", model=str(tmp_path / "nowhere"), mimi=str(assets.mimi), watermark=False)
