@@ -128,3 +128,16 @@ def test_default_repo_from_the_offline_hub_cache(monkeypatch, tmp_path, moshi_ch
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     assert_same_weights(Mimi.from_pretrained(), mimi)
+
+
+def test_bf16_file_like_the_official_one(tmp_path, mimi):
+    # kyutai/moshiko-pytorch-bf16 stores bf16; loading gives fp32 weights of the rounded values.
+    state = {name: tensor.to(torch.bfloat16) for name, tensor in random_moshi_state_dict(0).items()}
+    save_file(state, tmp_path / MOSHI_FILE)
+    loaded = Mimi.from_pretrained(tmp_path).state_dict()
+    expected = mimi.state_dict()
+    for name, tensor in loaded.items():
+        assert tensor.dtype == torch.float32, name
+        assert torch.allclose(tensor, expected[name], rtol=2e-2, atol=1e-6), name
+    first = state["decoder.model.0.conv.conv.weight"].float()
+    assert torch.equal(loaded["decoder.layers.0.weight"], first)
