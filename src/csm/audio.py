@@ -8,7 +8,7 @@ PCM for a binary stream, and never leaves a half-written file behind.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO
 
@@ -89,8 +89,9 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor, sample_rate: int) -
     container, encoding = output_format(path)
     target = Path(path).expanduser()
     samples = _to_numpy(audio)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's private 0o600.
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         soundfile.write(temporary, samples, sample_rate, format=container, subtype=encoding)
         os.replace(temporary, target)

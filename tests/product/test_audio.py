@@ -1,6 +1,7 @@
 """Audio files in and out: formats, downmixing, resampling, raw PCM, atomic writes, bad files."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,15 @@ def test_written_files_read_back(tmp_path, extension, tolerance):
     assert soundfile.info(str(path)).samplerate == 24_000
     assert back.shape == tone.shape
     assert (back - tone).abs().max() < tolerance
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        audio.save_audio(tmp_path / "out.wav", _tone(0.1), 24_000)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.wav").stat().st_mode & 0o777 == 0o644
 
 
 def test_stereo_is_downmixed_and_resampled(tmp_path):
