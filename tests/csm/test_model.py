@@ -111,3 +111,13 @@ def test_sampling_stays_within_the_top_k():
     generator = torch.Generator().manual_seed(2)
     drawn = {sample_topk(logits, 3, 1.0, generator).item() for _ in range(200)}
     assert drawn == allowed
+
+
+def test_bf16_generation_leaves_the_global_kernel_choice_alone():
+    model = random_model(tiny_config(), seed=5).to(torch.bfloat16)
+    model.setup_caches(1)
+    tokens, mask = text_prompt(3, seed=4)
+    enabled = torch.backends.mkldnn.enabled
+    frames = generate(model, tokens[None], mask[None], torch.arange(3)[None], 2, temperature=1.0, topk=1)
+    assert torch.backends.mkldnn.enabled == enabled
+    assert frames.shape == (1, 2, 32) and ((frames >= 0) & (frames < 2051)).all()
