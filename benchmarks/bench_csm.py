@@ -1,6 +1,6 @@
 """CSM-1B on CPU: loading and generation speed, ours against transformers on the same weights.
 
-    python benchmarks/bench_csm.py [--frames 8] [--workdir /tmp/csm-bench]
+    python benchmarks/bench_csm.py [--frames 8] [--threads N] [--workdir /tmp/csm-bench]
 
 Writes a full-size CSM-1B checkpoint with random weights in the original layout (fp32,
 6.2 GB) once, then:
@@ -169,8 +169,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=8, help="frames timed per configuration")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench"), help="where the checkpoint goes")
+    parser.add_argument("--threads", type=int, help="torch threads for generation (default: torch's choice)")
     parser.add_argument("--measure-load", nargs=2, metavar=("DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.measure_load:
         measure_load(*args.measure_load)
         return
