@@ -86,7 +86,7 @@ class Generator:
         frames = self._frames(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
         codes = list(frames)
         if not codes:
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.device)
         with torch.inference_mode():
             audio = self._mimi.decode(self._for_mimi(torch.stack(codes, dim=-1)))[0, 0]
         return self.watermark(audio.float())
