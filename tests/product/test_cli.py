@@ -30,9 +30,9 @@ def _exit_status(argv: list[str]) -> int:
         return exit.code
 
 
-def _csm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def _csm(*args: str, stdin: str | None = None, **environment: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", "import sys; from csm.cli import main; sys.exit(main())", *args]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **environment}
     return subprocess.run(command, input=stdin.encode() if stdin else None, capture_output=True, env=environment, timeout=300)
 
 
@@ -94,6 +94,13 @@ def test_info_shows_versions_device_and_where_each_artifact_is(assets):
     assert f"CSM weights: {assets.model}: cached at {assets.model / 'model.safetensors'}" in text
     assert f"Mimi weights: {assets.mimi}: cached at {assets.mimi}" in text
     assert f"voice conversational_a: {assets.model}: cached at" in text
+
+
+def test_weights_not_in_an_offline_cache_say_how_to_get_them(tmp_path):
+    done = _csm("say", "Hi.", "-o", str(tmp_path / "a.wav"), "--model", "sesame/csm-1b", HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "not in the local cache" in lines[0] and "HF_TOKEN" in lines[0]
 
 
 def test_help_is_complete(capsys):
