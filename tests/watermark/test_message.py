@@ -34,6 +34,7 @@ def test_a_key_must_be_five_bytes(key):
     with pytest.raises(ValueError, match="5 integers in 0..255"):
         check_key(key)
     assert check_key(np.array([1, 2, 3, 4, 5]).tolist()) == (1, 2, 3, 4, 5)
+    assert check_key(bytes([212, 211, 146, 56, 201])) == CSM_KEY
 
 
 def test_the_grid_keeps_whole_rows_of_21():

@@ -85,7 +85,9 @@ def _for_original(decoder):
 
 
 # Both sides with the same cheap stand-in decoder, so that the full 205-shift search runs.
-@pytest.mark.parametrize("seed", range(6))
+# These seeds give: a message without the search but none with it, a message both ways,
+# and perfect scores that end the search at shifts 730 and 0.
+@pytest.mark.parametrize("seed", [1, 2, 3, 5])
 def test_phase_shift_search_and_decoding_match_the_original(original, ours, seed):
     readout = ReadoutMessageDecoder(seed)
     original.dec_m = [_for_original(readout)]
@@ -99,7 +101,7 @@ def test_phase_shift_search_and_decoding_match_the_original(original, ours, seed
 def test_search_stops_at_the_first_perfect_score_with_the_original_result(original, ours):
     original.dec_m = [_for_original(PerfectMessageDecoder())]
     ours._message_decoder = PerfectMessageDecoder()
-    audio = _clip(2 * 44_100, seed=9)
+    audio = _clip(45_000, seed=9)
     result = ours.decode(torch.from_numpy(audio), 44_100)
     assert result == original.decode_wav(audio, 44_100, phase_shift_decoding=True)
     assert result["messages"] == [list(CSM_KEY)] and result["confidences"] == [1.0]

@@ -30,8 +30,8 @@ class DecodedMessage:
 
 
 def check_key(key: Sequence[int]) -> tuple[int, ...]:
-    """`key` as a tuple of 5 ints in 0..255; a ValueError otherwise."""
-    values = tuple(key) if isinstance(key, (list, tuple)) else None
+    """`key` (a list, tuple or bytes) as a tuple of 5 ints in 0..255; a ValueError otherwise."""
+    values = tuple(key) if isinstance(key, (list, tuple, bytes)) else None
     if values is None or len(values) != KEY_BYTES:
         raise ValueError(f"a watermark key is a list of {KEY_BYTES} integers in 0..255, got {key!r}")
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
