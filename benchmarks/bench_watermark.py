@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csm.watermark import CSM_KEY, Watermarker, watermarker  # noqa: E402
-from tests.factories.watermark import write_silentcipher_repo  # noqa: E402
+from csm.watermark import CSM_KEY, Watermarker, watermarker
+from tests.factories.watermark import write_silentcipher_repo
 
 RATE = 44_100
 ALL_SHIFTS = len(watermarker.SHIFTS)
@@ -55,7 +55,9 @@ def load_reference(folder: Path):
     sys.modules.setdefault("pydub", types.SimpleNamespace(AudioSegment=None))
     import silentcipher
 
-    return silentcipher.get_model("44.1k", ckpt_path=str(folder), config_path=str(folder / "hparams.yaml"), device="cpu")
+    return silentcipher.get_model(
+        "44.1k", ckpt_path=str(folder), config_path=str(folder / "hparams.yaml"), device="cpu"
+    )
 
 
 def resident_bytes() -> int:
@@ -71,7 +73,9 @@ def run_case(case: str, folder: Path, seconds: float, shifts: int, repeats: int)
     if reference:
         model.config.HOP_LENGTH = 10 * shifts  # the search tries range(0, HOP_LENGTH, 10)
         calls = {
-            "reference embed": lambda audio: model.encode_wav(audio, RATE, list(CSM_KEY), message_sdr=36, calc_sdr=False),
+            "reference embed": lambda audio: model.encode_wav(
+                audio, RATE, list(CSM_KEY), message_sdr=36, calc_sdr=False
+            ),
             "reference verify": lambda audio: model.decode_wav(audio, RATE, phase_shift_decoding=True),
         }
     else:
@@ -115,20 +119,39 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as temporary:
         folder = args.weights or write_silentcipher_repo(temporary)
-        m = {case: measure(case, folder, args) for case in (
-            "ours embed", "reference embed", "ours verify, stops at shift 0", "ours verify", "reference verify",
-        )}
+        m = {
+            case: measure(case, folder, args)
+            for case in (
+                "ours embed",
+                "reference embed",
+                "ours verify, stops at shift 0",
+                "ours verify",
+                "reference verify",
+            )
+        }
     # extrapolate the searches: the reference tried `shifts` shifts and decoded once more
     reference_pass = m["reference verify"]["seconds"] / (args.shifts + 1)
     reference_verify = reference_pass * (ALL_SHIFTS + 1)
     ours_full = m["ours verify"]["seconds"] / args.shifts * ALL_SHIFTS
     rows = [
         ("embed", m["ours embed"], m["reference embed"]["seconds"], m["reference embed"]),
-        ("verify, marked (stops at shift 0)", m["ours verify, stops at shift 0"], reference_verify, m["reference verify"]),
-        ("verify, full search (205 shifts)", {**m["ours verify"], "seconds": ours_full}, reference_verify, m["reference verify"]),
+        (
+            "verify, marked (stops at shift 0)",
+            m["ours verify, stops at shift 0"],
+            reference_verify,
+            m["reference verify"],
+        ),
+        (
+            "verify, full search (205 shifts)",
+            {**m["ours verify"], "seconds": ours_full},
+            reference_verify,
+            m["reference verify"],
+        ),
     ]
-    print(f"{args.seconds:g} s of audio at 44.1 kHz, CPU, {torch.get_num_threads()} threads; "
-          f"verify searches extrapolated from {args.shifts} shifts")
+    print(
+        f"{args.seconds:g} s of audio at 44.1 kHz, CPU, {torch.get_num_threads()} threads; "
+        f"verify searches extrapolated from {args.shifts} shifts"
+    )
     print(f"{'case':<36}{'ours s':>10}{'reference s':>13}{'speed-up':>10}{'ours MB/s':>11}{'ref MB/s':>10}")
     for name, ours, reference_seconds, reference in rows:
         print(

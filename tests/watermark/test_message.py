@@ -18,7 +18,29 @@ CSM_SYMBOLS = key_symbols(CSM_KEY)
 
 
 def test_key_bytes_become_two_bit_symbols_msb_first_then_the_end_marker():
-    assert key_symbols([0b11_01_00_10, 0, 255, 1, 64]) == [4, 2, 1, 3, 1, 1, 1, 1, 4, 4, 4, 4, 1, 1, 1, 2, 2, 1, 1, 1, 0]
+    assert key_symbols([0b11_01_00_10, 0, 255, 1, 64]) == [
+        4,
+        2,
+        1,
+        3,
+        1,
+        1,
+        1,
+        1,
+        4,
+        4,
+        4,
+        4,
+        1,
+        1,
+        1,
+        2,
+        2,
+        1,
+        1,
+        1,
+        0,
+    ]
     assert len(CSM_SYMBOLS) == 21 and CSM_SYMBOLS[-1] == 0 and 0 not in CSM_SYMBOLS[:-1]
 
 
@@ -29,7 +51,9 @@ def test_one_hot_message_repeats_from_frame_zero():
     assert (message.sum(0) == 1).all()
 
 
-@pytest.mark.parametrize("key", [[1, 2, 3, 4], [1, 2, 3, 4, 256], [1, 2, 3, 4, -1], [1.0, 2, 3, 4, 5], "abcde", [True, 2, 3, 4, 5]])
+@pytest.mark.parametrize(
+    "key", [[1, 2, 3, 4], [1, 2, 3, 4, 256], [1, 2, 3, 4, -1], [1.0, 2, 3, 4, 5], "abcde", [True, 2, 3, 4, 5]]
+)
 def test_a_key_must_be_five_bytes(key):
     with pytest.raises(ValueError, match="5 integers in 0..255"):
         check_key(key)

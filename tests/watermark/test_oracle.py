@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from csm.watermark import CSM_KEY, Watermarker, spectrum
-from tests.factories.watermark import PerfectMessageDecoder, ReadoutMessageDecoder, write_silentcipher_repo
+from tests.factories.watermark import (
+    PerfectMessageDecoder,
+    ReadoutMessageDecoder,
+    write_silentcipher_repo,
+)
 
 
 def _import_original():

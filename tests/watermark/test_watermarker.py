@@ -8,7 +8,12 @@ import torch
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.resample import resample
 from csm.watermark import Watermarker
-from tests.factories.watermark import ITERATION_FOLDER, PerfectMessageDecoder, ReadoutMessageDecoder, write_silentcipher_repo
+from tests.factories.watermark import (
+    ITERATION_FOLDER,
+    PerfectMessageDecoder,
+    ReadoutMessageDecoder,
+    write_silentcipher_repo,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,12 @@ import re
 import torch
 
 from csm.errors import CheckpointError
-from csm.watermark.networks import ENCODER_CHANNELS, CarrierDecoder, CarrierEncoder, MessageDecoder
+from csm.watermark.networks import (
+    ENCODER_CHANNELS,
+    CarrierDecoder,
+    CarrierEncoder,
+    MessageDecoder,
+)
 
 # BatchNorm running averages: the original never uses them (see GatedLayer).
 _UNUSED = re.compile(r"\.bn\.(running_mean|running_var|num_batches_tracked)$")

@@ -56,5 +56,12 @@ def inverse(magnitude: torch.Tensor, phase: torch.Tensor, length: int) -> torch.
 def _stft(padded: torch.Tensor) -> torch.Tensor:
     window = torch.hann_window(N_FFT, device=padded.device)
     return torch.stft(
-        padded, N_FFT, hop_length=HOP, win_length=N_FFT, window=window, center=True, pad_mode="reflect", return_complex=True
+        padded,
+        N_FFT,
+        hop_length=HOP,
+        win_length=N_FFT,
+        window=window,
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
     )

@@ -18,7 +18,11 @@ from csm import hub
 from csm.devices import default_device
 from csm.resample import resample
 from csm.watermark import spectrum
-from csm.watermark.checkpoint import load_carrier_decoder, load_encoder, load_message_decoder
+from csm.watermark.checkpoint import (
+    load_carrier_decoder,
+    load_encoder,
+    load_message_decoder,
+)
 from csm.watermark.message import (
     CSM_KEY,
     MESSAGE_SYMBOLS,
@@ -131,7 +135,10 @@ class Watermarker:
         whose guesses agree best across message repeats, so it need not start where the
         watermark does. Clips must be at least ~0.9 s long.
         """
-        results = [self._decode_channel(channel, sample_rate, phase_shift_decoding) for channel in _channels(audio, sample_rate)]
+        results = [
+            self._decode_channel(channel, sample_rate, phase_shift_decoding)
+            for channel in _channels(audio, sample_rate)
+        ]
         return results[0] if audio.ndim == 1 else results
 
     def verify(self, audio: torch.Tensor, sample_rate: int, key: Sequence[int] = CSM_KEY) -> bool:
@@ -140,7 +147,9 @@ class Watermarker:
         results = self.decode(audio, sample_rate, phase_shift_decoding=True)
         return any(result["status"] and result["messages"][0] == expected for result in _as_list(results))
 
-    def _encode_channel(self, audio: torch.Tensor, sample_rate: int, symbols: list[int], message_sdr: float) -> torch.Tensor:
+    def _encode_channel(
+        self, audio: torch.Tensor, sample_rate: int, symbols: list[int], message_sdr: float
+    ) -> torch.Tensor:
         clip = resample(audio.to(self.device), sample_rate, MODEL_RATE)
         power = clip.pow(2).mean()
         if power.item() == 0:
