@@ -7,18 +7,15 @@ Layouts:
   `model.safetensors.index.json`, and its `config.json`; q/k rows are stored permuted for
   rotate-half RoPE and are un-permuted here; the bundled codec (`codec_model.*`) is Mimi's.
 
-The model is built on the meta device and every tensor is read and copied into its final dtype
-and device one at a time, so loading needs little more memory than the loaded model.
+The files are read lazily by `csm.weights`; the model is built on the meta device and every
+tensor is read and copied into its final dtype and device one at a time, so loading needs
+little more memory than the loaded model.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +25,12 @@ from csm import hub
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.llama import FLAVORS, LlamaConfig
 from csm.model import CSM, CSMConfig
+from csm.weights import StoredTensor, check_keys_and_shapes, read_checkpoint, shard_finder, some_names
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "ckpt.pt")
 CONFIG_FILE = "config.json"
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """A tensor in a checkpoint file, read only when asked for."""
-
-    shape: tuple[int, ...]
-    read: Callable[[], torch.Tensor]
+# Stray buffers that some exports carry and no layout needs.
+_IGNORED = re.compile(r".*_causal_mask$")
 
 
 def load_csm(
@@ -50,9 +42,11 @@ def load_csm(
 ) -> CSM:
     """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`."""
     weights_path = hub.resolve_file(source, WEIGHT_FILES, revision=revision)
-    # Shards of a hub repo may still have to be downloaded; local shards must lie beside their index.
-    find_shard = None if hub.is_local(source) else lambda name: hub.resolve_file(source, [name], revision=revision)
-    stored = read_checkpoint(weights_path, find_shard)
+    stored = {
+        name: tensor
+        for name, tensor in read_checkpoint(weights_path, shard_finder(source, revision)).items()
+        if not _IGNORED.match(name)
+    }
     config = _read_config(source, weights_path, revision)
     layout = detect_layout(stored)
     if layout == "transformers":
@@ -64,136 +58,12 @@ def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: t
     """Allocate CSM in its final dtype and device, then copy the stored tensors in one by one."""
     with torch.device("meta"):
         model = CSM(config)
-    targets = model.state_dict()
-    _check_keys_and_shapes(targets, stored)
+    check_keys_and_shapes(model.state_dict(), stored, "checkpoint does not fit the model config")
     model = model.to(dtype=dtype).to_empty(device=device)
     with torch.no_grad():
         for name, target in model.state_dict().items():
             target.copy_(stored[name].read())
     return model.eval().requires_grad_(False)
-
-
-def _check_keys_and_shapes(targets: dict[str, torch.Tensor], stored: dict[str, StoredTensor]) -> None:
-    missing = sorted(set(targets) - set(stored))
-    unexpected = sorted(set(stored) - set(targets))
-    misshaped = [
-        f"{name} {stored[name].shape} (expected {tuple(target.shape)})"
-        for name, target in targets.items()
-        if name in stored and stored[name].shape != tuple(target.shape)
-    ]
-    problems = [
-        f"{what}: {_first(names)}"
-        for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped))
-        if names
-    ]
-    if problems:
-        raise CheckpointError("checkpoint does not fit the model config; " + "; ".join(problems))
-
-
-def _first(names: list[str], limit: int = 8) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-# --- reading files ---------------------------------------------------------------------------
-
-# Stray buffers that some exports carry and no layout needs.
-_IGNORED = re.compile(r".*_causal_mask$")
-
-
-def read_checkpoint(path: Path, find_shard: Callable[[str], Path] | None = None) -> dict[str, StoredTensor]:
-    """Tensors of a safetensors file, a sharded safetensors index, or a torch `ckpt.pt`.
-
-    Shards of an index are looked for beside it, else through `find_shard` when given.
-    """
-    if path.suffix == ".json":
-        tensors = _read_sharded(path, find_shard)
-    elif zipfile.is_zipfile(path):
-        tensors = _read_torch(path)
-    else:
-        tensors = _read_safetensors(path)
-    return {name: tensor for name, tensor in tensors.items() if not _IGNORED.match(name)}
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_safetensors(path: Path) -> dict[str, StoredTensor]:
-    # Plain reads rather than a memory map: a mapped file's pages would count toward this
-    # process's memory until the whole model is loaded.
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < header_len <= size - 8:
-            raise CheckpointError(f"{path} is not a checkpoint: neither a safetensors file nor a torch zip archive")
-        try:
-            header = json.loads(file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(entry["shape"])
-            begin, end = entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path} has a malformed entry for {name!r}") from None
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: the size of {name!r} does not match its shape and dtype")
-        if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: {name!r} lies beyond its end; download it again")
-        tensors[name] = StoredTensor(shape, _reader(path, data_start + begin, dtype, shape))
-    return tensors
-
-
-def _reader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
-    def read() -> torch.Tensor:
-        raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
-        with path.open("rb") as file:
-            file.seek(offset)
-            file.readinto(memoryview(raw.numpy()))
-        return raw.view(dtype).view(shape)
-
-    return read
-
-
-def _read_sharded(index_path: Path, find_shard: Callable[[str], Path] | None) -> dict[str, StoredTensor]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{index_path} is not a safetensors index (no weight_map)") from None
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-        beside = index_path.parent / shard
-        if not beside.is_file() and find_shard is None:
-            raise CheckpointError(f"{index_path} lists the shard {shard}, which is not beside it")
-        shard_tensors = _read_safetensors(beside if beside.is_file() else find_shard(shard))
-        tensors.update({name: tensor for name, tensor in shard_tensors.items() if weight_map.get(name) == shard})
-    return tensors
-
-
-def _read_torch(path: Path) -> dict[str, StoredTensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises several unrelated types for unusable files
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {error}") from None
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise CheckpointError(f"{path} does not hold a plain state dict of tensors")
-    return {name: StoredTensor(tuple(value.shape), lambda value=value: value) for name, value in state.items()}
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -292,7 +162,7 @@ def detect_layout(stored: dict[str, StoredTensor]) -> str:
     if "lm_head.weight" in stored or any(name.startswith("backbone_model.") for name in stored):
         return "transformers"
     raise CheckpointError(
-        f"not a CSM checkpoint: neither original nor transformers keys (found {_first(sorted(stored), 5)})"
+        f"not a CSM checkpoint: neither original nor transformers keys (found {some_names(sorted(stored), 5)})"
     )
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from csm.mimi import Mimi, MimiConfig
-from csm.mimi.loading import read_checkpoint
+from csm.mimi.loading import read_weights
 from tests.factories.mimi import transformers_to_moshi, write_moshi_checkpoint
 
 # A small Mimi that keeps what matters for exactness: the real strides (1920 samples per
@@ -79,7 +79,7 @@ def tiny_reference_pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mimi_tiny_reference")
     reference.save_pretrained(folder)
     ours = Mimi(TINY).eval()
-    ours.load_state_dict(read_checkpoint([folder / "model.safetensors"]))
+    ours.load_state_dict(read_weights(folder / "model.safetensors"))
     return reference, ours
 
 

@@ -79,11 +79,11 @@ def broken_checkpoint(tmp_path, edit) -> str:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: s.pop("decoder.model.14.conv.conv.bias"), "missing: decoder.layers.14.bias"),
-        (lambda s: s.update(extra=torch.zeros(1)), "unexpected: extra"),
+        (lambda s: s.pop("decoder.model.14.conv.conv.bias"), "missing keys: decoder.layers.14.bias"),
+        (lambda s: s.update(extra=torch.zeros(1)), "unexpected keys: extra"),
         (
             lambda s: s.update({"downsample.conv.conv.conv.weight": torch.zeros(512, 512, 3)}),
-            r"mis-shaped: downsample.weight \(512, 512, 3\) \(expected \(512, 512, 4\)\)",
+            r"mis-shaped keys: downsample.weight \(512, 512, 3\) \(expected \(512, 512, 4\)\)",
         ),
         (
             lambda s: s.pop("quantizer.rvq_rest.vq.layers.3._codebook.cluster_usage"),

@@ -11,18 +11,16 @@ Codebooks are stored as running sums and usage counts; the entries are their quo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from csm.errors import CheckpointError
-from csm.hub import resolve_file, resolve_files
+from csm.hub import resolve_file
+from csm.weights import FindShard, check_keys_and_shapes, read_checkpoint, shard_finder
 
 MOSHI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 # A sharded index comes before model.safetensors: a CSM repo may hold both an original-layout
@@ -77,53 +75,32 @@ def load_weights(
     """The Mimi weights of `source` in the internal layout, checked against the names and
     shapes of `expected` (a state dict of the target model, e.g. on the meta device)."""
     path = resolve_file(source, CANDIDATES, revision=revision)
-    files = _checkpoint_files(source, path, revision)
-    state = read_checkpoint(files, device=device, dtype=dtype)
-    _check(state, expected, path)
+    state = read_weights(path, shard_finder(source, revision), device=device, dtype=dtype)
+    check_keys_and_shapes(expected, state, f"{path} does not match Mimi")
     return state
 
 
-def read_checkpoint(
-    files: list[Path], *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+def read_weights(
+    path: Path,
+    find_shard: FindShard | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Read Mimi weights from safetensors files in any published layout, tensor by tensor
-    straight into `dtype` on `device`, and map them to the internal layout."""
-    raw: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        handles = [stack.enter_context(_open(file)) for file in files]
-        keys = {key: handle for handle in handles for key in handle.keys()}
-        prefix = CSM_PREFIX if any(key.startswith(CSM_PREFIX + "encoder.") for key in keys) else ""
-        names = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
-        rules = _layout_rules(names, files[0])
-        for name in names:
-            internal = _rename(name, rules)
-            # Codebook statistics stay fp32 until their quotient is taken.
-            target = torch.float32 if _CODEBOOK_PART.match(internal) else dtype
-            raw[internal] = keys[prefix + name].get_tensor(prefix + name).to(device=device, dtype=target)
+    """Read Mimi weights from a checkpoint in any published layout, tensor by tensor straight
+    into `dtype` on `device`, and map them to the internal layout."""
+    # A sharded index is a transformers-layout CSM checkpoint's: only the shards that hold Mimi are read.
+    stored = read_checkpoint(path, find_shard, prefix=CSM_PREFIX if path.suffix == ".json" else "")
+    prefix = CSM_PREFIX if any(key.startswith(CSM_PREFIX + "encoder.") for key in stored) else ""
+    names = [key[len(prefix) :] for key in stored if key.startswith(prefix)]
+    rules = _layout_rules(names, path)
+    raw = {}
+    for name in names:
+        internal = _rename(name, rules)
+        # Codebook statistics stay fp32 until their quotient is taken.
+        target = torch.float32 if _CODEBOOK_PART.match(internal) else dtype
+        raw[internal] = stored[prefix + name].read().to(device=device, dtype=target)
     return _assemble_codebooks(_fuse_qkv(raw), dtype)
-
-
-def _checkpoint_files(source: str | os.PathLike, path: Path, revision: str | None) -> list[Path]:
-    if not path.name.endswith(".index.json"):
-        return [path]
-    # A sharded (transformers-layout CSM) checkpoint: only the shards that hold Mimi.
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a safetensors index: {error}") from None
-    shards = sorted({shard for key, shard in weight_map.items() if key.startswith(CSM_PREFIX)})
-    if not shards:
-        raise CheckpointError(f"{path} lists no Mimi weights ({CSM_PREFIX}*)")
-    if Path(source).expanduser().is_file():
-        return [path.parent / shard for shard in shards]
-    return resolve_files(source, shards, revision=revision)
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from None
 
 
 def _layout_rules(names: list[str], file: Path) -> list[tuple[str, str]]:
@@ -188,20 +165,3 @@ def _assemble_codebooks(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dic
         ]
         out[f"{group}.codebooks"] = torch.stack(entries).to(dtype)
     return out
-
-
-def _check(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{name} {tuple(state[name].shape)} (expected {tuple(expected[name].shape)})"
-        for name in set(state) & set(expected)
-        if state[name].shape != expected[name].shape
-    )
-    problems = [
-        f"{label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-        if names
-    ]
-    if problems:
-        raise CheckpointError(f"{path} does not match Mimi: " + "; ".join(problems))
