@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csm import CSM, Generator, Mimi, Segment, Watermarker  # noqa: E402
-from csm.model import CSMConfig  # noqa: E402
-from csm.text import load_tokenizer  # noqa: E402
-from tests.factories.csm import tiny_config  # noqa: E402
-from tests.factories.mimi import write_moshi_checkpoint  # noqa: E402
-from tests.factories.tokenizer import write_tiny_tokenizer  # noqa: E402
-from tests.factories.watermark import write_silentcipher_repo  # noqa: E402
+from csm import CSM, Generator, Mimi, Segment, Watermarker
+from csm.model import CSMConfig
+from csm.text import load_tokenizer
+from tests.factories.csm import tiny_config
+from tests.factories.mimi import write_moshi_checkpoint
+from tests.factories.tokenizer import write_tiny_tokenizer
+from tests.factories.watermark import write_silentcipher_repo
 
 MIMI_CODES = 2048
 TEXTS = ["Hey how are you doing?", "Pretty good, pretty good.", "I'm great, thanks.", "Me too, this is cool."]

@@ -65,7 +65,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     before = path.read_bytes()
 
     def fail(file, *args, **kwargs):
-        open(file, "wb").write(b"partial")
+        with open(file, "wb") as partial:
+            partial.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(audio.soundfile, "write", fail)

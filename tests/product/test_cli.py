@@ -33,7 +33,7 @@ def _exit_status(argv: list[str]) -> int:
 def _csm(*args: str, stdin: str | None = None, **environment: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", "import sys; from csm.cli import main; sys.exit(main())", *args]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **environment}
-    return subprocess.run(command, input=stdin.encode() if stdin else None, capture_output=True, env=environment, timeout=300)
+    return subprocess.run(command, input=stdin.encode() if stdin else None, capture_output=True, env=environment, timeout=300, check=False)
 
 
 def test_say_writes_a_readable_file_and_one_summary_line(assets, tmp_path):
