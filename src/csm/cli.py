@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -230,10 +231,14 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
     if args.stream and not args.no_watermark:
         print("csm: note: streamed audio is not watermarked (the watermark needs the whole clip)", file=sys.stderr)
     started = time.perf_counter()
-    # The delay keeps the bar off screen when the arguments fail at once (one error line).
-    with tqdm(desc="generating", unit="frame", file=sys.stderr, delay=0.5) as bar:
+    with ExitStack() as stack:
+        bar = None
 
         def on_chunk(chunk: torch.Tensor) -> None:
+            nonlocal bar
+            if bar is None:
+                # Opened at the first frame, so a request that fails at once shows only its error line.
+                bar = stack.enter_context(tqdm(desc="generating", unit="frame", file=sys.stderr))
             bar.update(chunk.numel() // frame_size)
             if args.stream:
                 write_pcm16(sys.stdout.buffer, chunk)
