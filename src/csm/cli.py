@@ -271,13 +271,16 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from csm.audio import read_audio
     from csm.watermark import CSM_KEY, Watermarker
+    from csm.watermark.watermarker import SHIFTS
 
     watermarker = Watermarker.from_pretrained(args.watermarker, device=_device(args.device))
     key = args.watermark_key or CSM_KEY
     all_marked = True
     for path in args.files:
         audio, sample_rate = read_audio(path)
-        marked = watermarker.verify(audio, sample_rate, key=key)
+        # Unmarked audio is read at every cut (minutes per second of audio on a CPU): show it.
+        with tqdm(total=len(SHIFTS), desc=f"checking {path}", unit="cut", leave=False, file=sys.stderr) as bar:
+            marked = watermarker.verify(audio, sample_rate, key=key, progress=bar.update)
         all_marked &= marked
         print(f"{'Watermarked' if marked else 'Not watermarked'}: {path}")
     return 0 if all_marked else _EXIT_NOT_WATERMARKED

@@ -107,6 +107,17 @@ def test_batched_search_gives_the_unbatched_result(repo):
     assert batched._message_decoder.calls < 10
 
 
+def test_progress_counts_the_cuts_read(repo, reads_csm_key):
+    counted = []
+    assert reads_csm_key.verify(_speech_like(48_000), 24_000, progress=counted.append)
+    assert counted == [1]  # a perfect reading at the first cut ends the search
+    full_search = Watermarker.from_pretrained(repo, device="cpu")
+    full_search._message_decoder = ReadoutMessageDecoder(2)
+    counted = []
+    full_search.decode(_speech_like(46_000, seed=4), 24_000, progress=counted.append)
+    assert sum(counted) == 205 and len(counted) == full_search._message_decoder.calls
+
+
 def test_batches_keep_shift_order_and_equal_frame_counts(wm):
     batched = Watermarker(wm.encoder, wm.carrier_decoder, lambda: None, device="cpu", search_batch_frames=100)
     length = 4096 * 10 + 1000  # the frame count drops once the cut passes 1000 samples

@@ -127,24 +127,40 @@ class Watermarker:
         return marked.reshape(audio.shape).to(audio.device)
 
     @torch.inference_mode()
-    def decode(self, audio: torch.Tensor, sample_rate: int, phase_shift_decoding: bool = True) -> dict | list[dict]:
+    def decode(
+        self,
+        audio: torch.Tensor,
+        sample_rate: int,
+        phase_shift_decoding: bool = True,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict | list[dict]:
         """The original's result: `{"status": True, "messages": [bytes], "confidences": [c]}`,
         or `{"status": False, "messages": [], "confidences": [], "error": why}`.
 
         With `phase_shift_decoding` the clip is read at the cut (0, 10, ..., 2040 samples)
         whose guesses agree best across message repeats, so it need not start where the
-        watermark does. Clips must be at least ~0.9 s long.
+        watermark does. Clips must be at least ~0.9 s long. `progress`, if given, is called
+        with the number of cuts read after each network pass (at most `len(SHIFTS)` per
+        channel: the search stops early at a perfect reading).
         """
         results = [
-            self._decode_channel(channel, sample_rate, phase_shift_decoding)
+            self._decode_channel(channel, sample_rate, phase_shift_decoding, progress)
             for channel in _channels(audio, sample_rate)
         ]
         return results[0] if audio.ndim == 1 else results
 
-    def verify(self, audio: torch.Tensor, sample_rate: int, key: Sequence[int] = CSM_KEY) -> bool:
-        """True when (a channel of) `audio` carries `key`."""
+    def verify(
+        self,
+        audio: torch.Tensor,
+        sample_rate: int,
+        key: Sequence[int] = CSM_KEY,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> bool:
+        """True when (a channel of) `audio` carries `key`; `progress` as in `decode`."""
         expected = list(check_key(key))
-        results = self.decode(audio, sample_rate, phase_shift_decoding=True)
+        results = self.decode(audio, sample_rate, phase_shift_decoding=True, progress=progress)
         return any(result["status"] and result["messages"][0] == expected for result in _as_list(results))
 
     def _encode_channel(
@@ -172,7 +188,13 @@ class Watermarker:
         # multiple of 80 at 24 kHz); those first samples equal the reference's.
         return resample(restored, MODEL_RATE, sample_rate)[: audio.shape[-1]]
 
-    def _decode_channel(self, audio: torch.Tensor, sample_rate: int, phase_shift_decoding: bool) -> dict:
+    def _decode_channel(
+        self,
+        audio: torch.Tensor,
+        sample_rate: int,
+        phase_shift_decoding: bool,
+        progress: Callable[[int], None] | None,
+    ) -> dict:
         clip = resample(audio.to(self.device), sample_rate, MODEL_RATE)
         shifts = SHIFTS if phase_shift_decoding else SHIFTS[:1]
         shortest = clip.shape[-1] - shifts[-1]
@@ -184,13 +206,15 @@ class Watermarker:
         power = clip.pow(2).mean()
         if power.item() == 0:
             return _not_found(NOT_FOUND)
-        grid = self._best_grid(clip * (REFERENCE_POWER / power) ** 0.5, shifts)
+        grid = self._best_grid(clip * (REFERENCE_POWER / power) ** 0.5, shifts, progress)
         decoded = read_message(grid)
         if decoded is None:
             return _not_found(NOT_FOUND)
         return {"messages": [decoded.message], "confidences": [decoded.confidence], "status": True}
 
-    def _best_grid(self, clip: torch.Tensor, shifts: Sequence[int]) -> np.ndarray:
+    def _best_grid(
+        self, clip: torch.Tensor, shifts: Sequence[int], progress: Callable[[int], None] | None
+    ) -> np.ndarray:
         """The symbol grid of the first shift with the highest consistency score.
 
         No shift can beat a perfect score, so the search stops at the first one.
@@ -199,6 +223,8 @@ class Watermarker:
         for batch in self._shift_batches(clip.shape[-1], shifts):
             magnitude = spectrum.magnitude(spectrum.shifted_spectrograms(clip, batch))[:, None]
             guesses = self.message_decoder(magnitude).argmax(dim=1).cpu().numpy()
+            if progress is not None:
+                progress(len(batch))
             for row in guesses:
                 grid = symbol_grid(row)
                 score = consistency_score(grid)
