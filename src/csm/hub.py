@@ -116,7 +116,8 @@ def _offline_advice(repo_id: str, names: Sequence[str]) -> str:
         else "the hub could not be reached"
     )
     return (
-        f"{', '.join(names)} from hub repo {repo_id} is not in the local cache and {why}; "
+        f"{', '.join(names)} from hub repo {repo_id} {'is' if len(names) == 1 else 'are'} not in the local cache "
+        f"and {why}; "
         f"connect once to download it (if the repo is gated, accept its terms at "
         f"https://huggingface.co/{repo_id} and log in or set HF_TOKEN), or pass a local path; "
         f"once files are cached, HF_HUB_OFFLINE=1 skips the network"
