@@ -6,8 +6,6 @@ import torch
 from csm.model import CSM
 from tests.factories.csm import random_state_dict, tiny_config, transformers_model, write_csm_checkpoint
 
-pytest.importorskip("transformers")
-
 NUM_CODEBOOKS = 32
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
