@@ -60,6 +60,7 @@ def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: t
         model = CSM(config)
     check_keys_and_shapes(model.state_dict(), stored, "checkpoint does not fit the model config")
     model = model.to(dtype=dtype).to_empty(device=device)
+    model.init_buffers()
     with torch.no_grad():
         for name, target in model.state_dict().items():
             target.copy_(stored[name].read())

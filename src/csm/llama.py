@@ -85,7 +85,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position seen so far, one preallocated slot per position."""
+    """Keys and values of every position seen so far, one preallocated slot per position.
+
+    Row r of the cache belongs to one sequence; a step works on a contiguous range of rows
+    (`rows`, a slice) so that a batching engine can prefill one row while others decode.
+    """
 
     def __init__(self, batch_size: int, num_kv_heads: int, num_positions: int, head_dim: int, *, dtype, device):
         super().__init__()
@@ -94,11 +98,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("rows", torch.arange(batch_size, device=device).unsqueeze(1), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, H, S, D] at slots input_pos [B, S]; return the whole cache."""
-        self.k[self.rows, :, input_pos] = k.transpose(1, 2)
-        self.v[self.rows, :, input_pos] = v.transpose(1, 2)
-        return self.k, self.v
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, S, D] at slots input_pos [B, S] of cache rows `rows`; return those rows."""
+        keys, values = self.k[rows], self.v[rows]
+        index = self.rows[: k.shape[0]]
+        keys[index, :, input_pos] = k.transpose(1, 2)
+        values[index, :, input_pos] = v.transpose(1, 2)
+        return keys, values
 
     def reset(self) -> None:
         self.k.zero_()
@@ -117,12 +125,16 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, rows: slice
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        keys, values = self.cache.update(input_pos, apply_rope(k, rope), v)
+        k = apply_rope(k, rope)
+        # Without a cache (training) the sequence attends to itself.
+        keys, values = (k, v) if self.cache is None else self.cache.update(input_pos, k, v, rows)
         # Query head h reads kv head h // groups: fold each kv head's group of query heads into
         # the sequence axis instead of repeating the cache for every query head.
         groups = self.num_heads // self.num_kv_heads
@@ -151,8 +163,10 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos)
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, rows: slice
+    ) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos, rows)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -191,14 +205,21 @@ class Llama(nn.Module):
     def has_caches(self) -> bool:
         return self.layers[0].attn.cache is not None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """x [B, S, dim] at positions input_pos [B, S] (each row its own) -> [B, S, dim].
 
-        Each position is written to its cache slot and attends to slots 0 .. its position of
-        its own row, so rows may be at different positions.
+        With caches, each position is written to its slot in cache row `rows` (default: rows
+        0 .. B-1) and attends to slots 0 .. its position of its own row, so rows may be at
+        different positions. Without caches (training), each position attends to the
+        positions of its row that are not after it.
         """
-        mask = (self.slots <= input_pos.unsqueeze(-1)).unsqueeze(1)
-        rope = self.rope[input_pos]
+        if self.has_caches:
+            rows = slice(0, x.shape[0]) if rows is None else rows
+            mask = (self.slots <= input_pos.unsqueeze(-1)).unsqueeze(1)
+            rope = self.rope[input_pos]
+        else:
+            mask = (input_pos.unsqueeze(-2) <= input_pos.unsqueeze(-1)).unsqueeze(1)
+            rope = rope_table(self.config, int(input_pos.max()) + 1).to(x.device)[input_pos]
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
+            x = layer(x, rope, mask, input_pos, rows)
         return self.norm(x)

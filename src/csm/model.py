@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,16 @@ class CSM(nn.Module):
         self.audio_head = nn.Parameter(
             torch.empty(config.audio_num_codebooks - 1, decoder.dim, config.audio_vocab_size)
         )
+        self.register_buffer(
+            "codebook_offsets", torch.empty(config.audio_num_codebooks, dtype=torch.long), persistent=False
+        )
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Fill the buffers that no checkpoint holds (again after `to_empty`)."""
+        config = self.config
+        offsets = torch.arange(config.audio_num_codebooks, device=self.codebook_offsets.device)
+        self.codebook_offsets.copy_(offsets * config.audio_vocab_size)
 
     @property
     def max_seq_len(self) -> int:
@@ -123,11 +133,13 @@ class CSM(nn.Module):
         self.backbone.setup_caches(batch_size, self.max_seq_len)
         # The depth decoder only ever sees the positions of one frame's codebooks.
         self.decoder.setup_caches(batch_size, self.config.audio_num_codebooks)
-        num_codebooks = self.config.audio_num_codebooks
-        offsets = torch.arange(num_codebooks, device=device) * self.config.audio_vocab_size
-        self.register_buffer("codebook_offsets", offsets, persistent=False)
-        depth_positions = torch.arange(num_codebooks, device=device).expand(batch_size, -1)
+        depth_positions = torch.arange(self.config.audio_num_codebooks, device=device).expand(batch_size, -1)
         self.register_buffer("depth_positions", depth_positions, persistent=False)
+
+    @property
+    def cache_rows(self) -> int:
+        """How many rows (sequences) the caches hold; 0 before `setup_caches`."""
+        return self.backbone.layers[0].attn.cache.k.shape[0] if self.backbone.has_caches else 0
 
     def reset_caches(self) -> None:
         self.backbone.reset_caches()
@@ -149,20 +161,22 @@ class CSM(nn.Module):
         ).view(batch, seq, -1)
         return audio + self.text_embeddings(tokens[..., -1]) * weights[..., -1:]
 
-    def backbone_hidden(self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Run the backbone over new positions (cached): hidden states [B, S, dim]."""
-        self._check_caches(tokens.shape[0])
-        return self.backbone(self.embed(tokens, tokens_mask), input_pos)
+    def backbone_hidden(
+        self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
+        """Run the backbone over new positions (cached in rows `rows`): hidden states [B, S, dim]."""
+        rows = self._check_caches(tokens.shape[0], rows)
+        return self.backbone(self.embed(tokens, tokens_mask), input_pos, rows)
 
     def depth_logits(self, last_hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Logits of codebooks 1..31 [B, 31, V] given the backbone state [B, dim] and codes [B, 32].
 
         Teacher-forced: what the depth decoder predicts for codebook k after seeing codes 0..k-1.
         """
-        self._check_caches(codes.shape[0])
+        rows = self._check_caches(codes.shape[0], None)
         previous = self.audio_embeddings(codes[:, :-1] + self.codebook_offsets[:-1])
         inputs = torch.cat([last_hidden.unsqueeze(1), previous], dim=1)
-        hidden = self.decoder(self.projection(inputs), self.depth_positions)
+        hidden = self.decoder(self.projection(inputs), self.depth_positions[rows], rows)
         return torch.einsum("bkd,kdv->bkv", hidden[:, 1:], self.audio_head)
 
     @torch.inference_mode()
@@ -171,47 +185,58 @@ class CSM(nn.Module):
         tokens: torch.Tensor,
         tokens_mask: torch.Tensor,
         input_pos: torch.Tensor,
-        temperature: float,
-        topk: int,
-        generator: torch.Generator | None = None,
+        temperature: float | Sequence[float],
+        topk: int | Sequence[int],
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """Feed new positions, sample the next frame: codes [B, 32] int64.
 
         tokens [B, S, 33] int64, tokens_mask [B, S, 33] bool, input_pos [B, S] int64; the
-        frame follows the last of the S positions. Rows may be at different positions: to
-        batch prompts of different lengths, left-pad a shorter row with positions it has not
-        reached yet (its real positions never attend to them, and its next frames overwrite
-        them). Deciding when speech ends is the caller's.
+        frame follows the last of the S positions. The B sequences live in cache rows
+        `rows` (a contiguous range; default 0 .. B-1), so a caller with caches for N rows can
+        step any range of them. Rows may be at different positions: to batch prompts of
+        different lengths, left-pad a shorter row with positions it has not reached yet (its
+        real positions never attend to them, and its next frames overwrite them).
+        `temperature`, `topk` and `generator` are one for all rows or one per row; see
+        `csm.sampling.sample_topk`. Deciding when speech ends is the caller's.
         """
         batch, seq, _ = tokens.shape
+        rows = self._check_caches(batch, rows)
         with _matrix_vector_kernels(self.audio_head, rows=batch * seq):
-            last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos)[:, -1]
+            last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos, rows)[:, -1]
         with _matrix_vector_kernels(self.audio_head, rows=batch):
-            return self._depth_decode(last_hidden, temperature, topk, generator)
+            return self._depth_decode(last_hidden, temperature, topk, generator, rows)
 
-    def _depth_decode(
-        self, last_hidden: torch.Tensor, temperature: float, topk: int, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def _depth_decode(self, last_hidden, temperature, topk, generator, rows: slice) -> torch.Tensor:
         first = sample_topk(self.codebook0_head(last_hidden), topk, temperature, generator)
         codes = [first]
         # No decoder cache reset is needed: positions restart at 0 and every slot a position
         # attends to is written earlier in the same frame.
         inputs = torch.cat([last_hidden.unsqueeze(1), self.audio_embeddings(first)], dim=1)
-        positions = self.depth_positions[:, :2]
+        depth_positions = self.depth_positions[rows]
+        positions = depth_positions[:, :2]
         for k in range(1, self.config.audio_num_codebooks):
-            hidden = self.decoder(self.projection(inputs), positions)[:, -1]
+            hidden = self.decoder(self.projection(inputs), positions, rows)[:, -1]
             code = sample_topk(torch.mm(hidden, self.audio_head[k - 1]), topk, temperature, generator)
             codes.append(code)
             inputs = self.audio_embeddings(code + self.codebook_offsets[k])
-            positions = self.depth_positions[:, k + 1 : k + 2]
+            positions = depth_positions[:, k + 1 : k + 2]
         return torch.cat(codes, dim=1)
 
-    def _check_caches(self, batch_size: int) -> None:
-        if not self.backbone.has_caches:
+    def _check_caches(self, batch_size: int, rows: slice | None) -> slice:
+        """The cache rows a batch of `batch_size` runs in: `rows`, or 0 .. batch_size-1."""
+        cached = self.cache_rows
+        if not cached:
             raise ValueError("call setup_caches(batch_size) before running the model")
-        cached = self.backbone.layers[0].attn.cache.k.shape[0]
-        if batch_size != cached:
-            raise ValueError(f"caches were set up for batch size {cached}, got a batch of {batch_size}")
+        rows = slice(0, batch_size) if rows is None else rows
+        start, stop, step = rows.indices(cached)
+        if step != 1 or stop - start != batch_size or rows.stop is not None and rows.stop > cached:
+            raise ValueError(
+                f"a batch of {batch_size} needs {batch_size} contiguous cache rows within the {cached} set up, "
+                f"got rows {rows.start}..{rows.stop}"
+            )
+        return slice(start, stop)
 
 
 @contextlib.contextmanager

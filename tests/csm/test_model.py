@@ -85,8 +85,11 @@ def test_a_seed_reproduces_a_sampled_frame(model):
 def test_the_model_asks_for_caches_of_the_right_batch(model):
     tokens, mask = text_prompt(3, seed=3)
     model.setup_caches(2)
-    with pytest.raises(ValueError, match="set up for batch size 2"):
-        model.generate_frame(tokens[None], mask[None], torch.arange(3)[None], temperature=1.0, topk=1)
+    batch = (tokens[None].expand(3, -1, -1), mask[None].expand(3, -1, -1), torch.arange(3).expand(3, -1))
+    with pytest.raises(ValueError, match="a batch of 3 needs 3 contiguous cache rows within the 2"):
+        model.generate_frame(*batch, temperature=1.0, topk=1)
+    with pytest.raises(ValueError, match="contiguous cache rows"):
+        model.generate_frame(tokens[None], mask[None], torch.arange(3)[None], temperature=1.0, topk=1, rows=slice(1, 3))
     fresh = random_model(tiny_config(), seed=5)
     with pytest.raises(ValueError, match="setup_caches"):
         fresh.generate_frame(tokens[None], mask[None], torch.arange(3)[None], temperature=1.0, topk=1)
@@ -103,6 +106,69 @@ def test_sampling_follows_the_reference_operations():
     sampled = sample_topk(logits, topk, temperature, torch.Generator().manual_seed(9))
     assert sampled.shape == (3, 1) and sampled.dtype == torch.long
     assert torch.equal(sampled, expected)
+
+
+def test_a_row_range_of_the_caches_decodes_as_its_own_batch(model):
+    """An engine keeps N rows of caches and steps any contiguous range of them: a sequence
+    prefilled into row 2 while rows 0-1 hold others gives the frames it gives alone."""
+    sampling = {"temperature": 0.9, "topk": 50}
+    tokens, mask = text_prompt(6, seed=6)
+    positions = torch.arange(6)[None]
+    model.setup_caches(1)
+    alone = generate(
+        model, tokens[None], mask[None], positions, 3, generator=torch.Generator().manual_seed(3), **sampling
+    )
+
+    model.setup_caches(4)
+    other_tokens, other_mask = text_prompt(4, seed=7)
+    model.generate_frame(
+        other_tokens[None].expand(2, -1, -1),
+        other_mask[None].expand(2, -1, -1),
+        torch.arange(4).expand(2, -1),
+        **sampling,
+    )
+    rng = torch.Generator().manual_seed(3)
+    frames, step_tokens, step_mask = [], tokens[None], mask[None]
+    for _ in range(3):
+        frame = model.generate_frame(step_tokens, step_mask, positions, generator=rng, rows=slice(2, 3), **sampling)
+        frames.append(frame)
+        step_tokens, step_mask = next_input(frame)
+        positions = positions[:, -1:] + 1
+    assert torch.equal(torch.stack(frames, dim=1), alone)
+
+
+def test_per_row_sampling_gives_each_row_its_token_alone():
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))
+    topks, temperatures, seeds = [1, 50, 50], [0.9, 0.9, 0.5], [None, 3, 4]
+
+    def generators():
+        return [None if seed is None else torch.Generator().manual_seed(seed) for seed in seeds]
+
+    alone = [sample_topk(logits[i : i + 1], topks[i], temperatures[i], generators()[i]) for i in range(3)]
+    assert torch.equal(sample_topk(logits, topks, temperatures, generators()), torch.cat(alone))
+    same = [sample_topk(logits[i : i + 1], 50, 0.9, generators()[i]) for i in range(1, 3)]
+    assert torch.equal(sample_topk(logits[1:], 50, 0.9, generators()[1:]), torch.cat(same))
+    with pytest.raises(ValueError, match="one entry per row"):
+        sample_topk(logits, [1, 2], 0.9)
+
+
+def test_a_cache_free_forward_attends_causally(model):
+    """Training runs the backbone without caches: each position sees itself and earlier ones,
+    exactly as the cached step computes it."""
+    tokens, mask = text_prompt(5, seed=8)
+    positions = torch.arange(5)[None]
+    model.setup_caches(1)
+    cached = model.backbone_hidden(tokens[None], mask[None], positions)
+    embeddings = model.embed(tokens[None], mask[None])
+    layers = [layer.attn.cache for layer in model.backbone.layers]
+    for layer in model.backbone.layers:
+        layer.attn.cache = None
+    try:
+        free = model.backbone(embeddings, positions)
+    finally:
+        for layer, cache in zip(model.backbone.layers, layers):
+            layer.attn.cache = cache
+    torch.testing.assert_close(free, cached, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_stays_within_the_top_k():
