@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,23 @@ def test_a_folder_loads_as_quantizing_at_load_does(original, quantized):
     loaded = frames(CSM.from_pretrained(folder), prompt)
     assert torch.equal(loaded, frames(CSM.from_pretrained(original, quantize=format), prompt))
     assert torch.equal(frames(CSM.from_pretrained(folder, quantize=format), prompt), loaded)
+
+
+def test_the_embedding_tables_stay_in_the_file(quantized):
+    """Mapped, not read: only the rows a step gathers become resident."""
+    _, folder = quantized
+    model = CSM.from_pretrained(folder)
+    path = str((folder / "model.safetensors").resolve())
+    regions = [
+        [int(bound, 16) for bound in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(path)
+    ]
+    stored = load_file(folder / "model.safetensors")
+    for name in ("text_embeddings", "audio_embeddings"):
+        table = getattr(model, name).weight
+        assert any(start <= table.data_ptr() < end for start, end in regions), name
+        assert torch.equal(table, stored[f"{name}.weight"])
 
 
 def test_a_folder_is_a_quarter_or_an_eighth_of_the_fp32_one(original, quantized):
