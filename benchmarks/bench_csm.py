@@ -102,9 +102,21 @@ def measure_load(directory: str, dtype: str, quantize: str) -> None:
     quantize = None if quantize == "none" else quantize
     model = CSM.from_pretrained(directory, dtype=getattr(torch, dtype), quantize=quantize)
     seconds = time.perf_counter() - start
+    peak = _peak_rss_bytes() - before
+    # Resident after loading and after 4 frames: mapped tables count only for the pages in use.
+    loaded = _current_rss_bytes() - before
+    ours_seconds_per_frame(model, frames=4)
+    caches = sum(layer.attn.cache.k.nbytes * 2 for llama in (model.backbone, model.decoder) for layer in llama.layers)
+    generating = _current_rss_bytes() - before - caches
     print(
         json.dumps(
-            {"seconds": seconds, "model_bytes": resident_bytes(model), "added_rss_bytes": _peak_rss_bytes() - before}
+            {
+                "seconds": seconds,
+                "model_bytes": resident_bytes(model),
+                "added_rss_bytes": peak,
+                "loaded_rss_bytes": loaded,
+                "generating_rss_bytes": generating,
+            }
         )
     )
 
@@ -243,8 +255,11 @@ def main() -> None:
     print(f"random full-size checkpoints: {args.workdir} ({time.perf_counter() - start:.0f} s)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 
-    print("| load (fresh process) | seconds | model GB | peak RSS added GB | ratio |")
-    print("|---|---|---|---|---|")
+    print(
+        "| load (fresh process) | seconds | tensors GB | peak RSS added GB | peak / tensors "
+        "| resident GB, loaded | resident GB, after 4 frames (without KV caches) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     loads = [
         ("float32", directory, "float32", "none"),
         ("bfloat16", directory, "bfloat16", "none"),
@@ -256,7 +271,8 @@ def main() -> None:
         ratio = load["added_rss_bytes"] / load["model_bytes"]
         print(
             f"| {name} | {load['seconds']:.1f} | {load['model_bytes'] / 1e9:.2f} | "
-            f"{load['added_rss_bytes'] / 1e9:.2f} | {ratio:.2f} |"
+            f"{load['added_rss_bytes'] / 1e9:.2f} | {ratio:.2f} | {load['loaded_rss_bytes'] / 1e9:.2f} | "
+            f"{load['generating_rss_bytes'] / 1e9:.2f} |"
         )
 
     floor, kernel = matrix_vector_floor_seconds(bf16_bytes_per_frame(CSMConfig()))
