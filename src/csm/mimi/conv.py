@@ -39,10 +39,11 @@ class CausalConv1d(nn.Conv1d):
         kernel_size: int,
         stride: int = 1,
         *,
+        groups: int = 1,
         bias: bool = True,
         pad_mode: str = "constant",
     ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
         self.pad_mode = pad_mode
         self.left_padding = kernel_size - stride
 
@@ -63,13 +64,17 @@ class CausalConv1d(nn.Conv1d):
         return x.new_zeros(x.shape[0], x.shape[1], self.left_padding)
 
 
-class CausalConvTranspose1d(nn.ConvTranspose1d):
-    """`nn.ConvTranspose1d` that gives `stride` samples per input step.
+class CausalConvTranspose1d(CausalConv1d):
+    """A transposed convolution that gives `stride` samples per input step, computed as the
+    causal convolution it equals: with `taps = kernel // stride`, the `stride` samples of step t
+    depend on input steps t - taps + 1..t only, so a convolution of `taps` steps into
+    `out_channels * stride` channels, whose channels are then interleaved in time, gives them.
 
-    The last `kernel - stride` output samples of a chunk are incomplete: the whole-signal call
-    drops them, the chunked call keeps them in its state and adds them to the next chunk.
-    Computed as one matmul and an overlap-add: PyTorch's CPU kernel for transposed
-    convolutions is ~20x slower on the few steps of a streamed frame.
+    The whole-signal call drops the last `kernel - stride` samples of the transposed
+    convolution (they wait for steps that never come); the streaming state is the last
+    `taps - 1` input steps. Weights are kept in that convolution's layout, and read and
+    written (state dicts) in `nn.ConvTranspose1d`'s, [in, out / groups, kernel] and bias [out].
+    PyTorch's CPU kernel for transposed convolutions is several times slower.
     """
 
     def __init__(
@@ -84,28 +89,40 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
     ):
         if kernel_size % stride:
             raise ValueError(f"kernel_size {kernel_size} must be a multiple of stride {stride}")
-        super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels * stride, kernel_size // stride, groups=groups, bias=bias)
+        self.upsampling = stride
+        self.register_state_dict_post_hook(_write_transposed_layout)
+        self.register_load_state_dict_pre_hook(_read_transposed_layout)
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
-        length = x.shape[-1] * self.stride[0]
-        y = self._overlap_add(x)
-        if state is not None:
-            if state.tail is not None:
-                y[..., : state.tail.shape[-1]] += state.tail
-            state.tail = y[..., length:]
-        y = y[..., :length]
-        return y if self.bias is None else y + self.bias[:, None]
+        y = super().forward(x, state)
+        batch, channels, steps = y.shape
+        stride = self.upsampling
+        return y.view(batch, channels // stride, stride, steps).transpose(2, 3).reshape(batch, -1, steps * stride)
 
-    def _overlap_add(self, x: torch.Tensor) -> torch.Tensor:
-        """The transposed convolution without bias, all (T - 1) * stride + kernel samples."""
-        batch, _, steps = x.shape
-        stride, groups = self.stride[0], self.groups
-        in_per_group, out_per_group, kernel = self.weight.shape
-        weight = self.weight.view(groups, in_per_group // groups, out_per_group, kernel)
-        # contributions[b, c, t, j, i]: of step t to output sample (t + j) * stride + i
-        contributions = torch.einsum("bgit,giok->bgotk", x.view(batch, groups, -1, steps), weight)
-        contributions = contributions.reshape(batch, groups * out_per_group, steps, kernel // stride, stride)
-        out = x.new_zeros(batch, groups * out_per_group, steps + kernel // stride - 1, stride)
-        for j in range(kernel // stride):
-            out[:, :, j : j + steps] += contributions[:, :, :, j]
-        return out.flatten(2)
+    def to_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """[out * stride, in / groups, taps] -> nn.ConvTranspose1d's [in, out / groups, kernel]."""
+        groups, stride, (channels, in_per_group, taps) = self.groups, self.upsampling, weight.shape
+        out_per_group = channels // stride // groups
+        # Conv tap k reads input step t - (taps - 1 - k): transposed kernel index (taps - 1 - k) * stride + i.
+        grouped = weight.view(groups, out_per_group, stride, in_per_group, taps).flip(-1)
+        return grouped.permute(0, 3, 1, 4, 2).reshape(groups * in_per_group, out_per_group, taps * stride)
+
+    def from_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """nn.ConvTranspose1d's [in, out / groups, kernel] -> [out * stride, in / groups, taps]."""
+        groups, stride, (in_channels, out_per_group, kernel) = self.groups, self.upsampling, weight.shape
+        grouped = weight.reshape(groups, in_channels // groups, out_per_group, kernel // stride, stride)
+        return grouped.permute(0, 2, 4, 1, 3).flip(-1).reshape(-1, in_channels // groups, kernel // stride)
+
+
+def _write_transposed_layout(module: CausalConvTranspose1d, state: dict, prefix: str, metadata: dict) -> None:
+    state[prefix + "weight"] = module.to_transposed_layout(state[prefix + "weight"])
+    if module.bias is not None:
+        state[prefix + "bias"] = state[prefix + "bias"][:: module.upsampling]
+
+
+def _read_transposed_layout(module: CausalConvTranspose1d, state: dict, prefix: str, *_) -> None:
+    if prefix + "weight" in state:
+        state[prefix + "weight"] = module.from_transposed_layout(state[prefix + "weight"]).contiguous()
+    if module.bias is not None and prefix + "bias" in state:
+        state[prefix + "bias"] = state[prefix + "bias"].repeat_interleave(module.upsampling)
