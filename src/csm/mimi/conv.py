@@ -48,20 +48,51 @@ class CausalConv1d(nn.Conv1d):
         self.left_padding = kernel_size - stride
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        if self.kernel_size[0] == 1:  # pointwise: no padding, nothing to carry over
+            return self._convolve(x)
         if state is None:
             right_padding = -x.shape[-1] % self.stride[0]
-            return super().forward(F.pad(x, (self.left_padding, right_padding), mode=self.pad_mode))
+            return self._convolve(_pad_time_major(x, self.left_padding, right_padding, self.pad_mode))
         if state.tail is None:
             state.tail = self._initial_tail(x)
         x = torch.cat([state.tail, x], dim=-1)
         frames = (x.shape[-1] - self.kernel_size[0]) // self.stride[0] + 1
         state.tail = x[..., frames * self.stride[0] :]
-        return super().forward(x)
+        return self._convolve(x)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of x [B, C, T] without padding.
+
+        oneDNN runs Mimi's convolutions of long signals up to twice as fast time-major
+        (channels-last), but then reorders the weight at every call: a short signal (a streamed
+        frame at the low rates) through a large weight is faster channels-first. `conv1d` would
+        not keep the time-major layout, so this goes through `conv2d`.
+        """
+        if x.numel() < self.weight.numel():
+            return super().forward(x)
+        x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x, self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), 0, 1, self.groups)
+        return y.squeeze(2)
 
     def _initial_tail(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_mode == "replicate":
             return x[..., :1].expand(-1, -1, self.left_padding)
         return x.new_zeros(x.shape[0], x.shape[1], self.left_padding)
+
+
+def _pad_time_major(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
+    """x [B, C, T] padded in time ("constant": zeros, "replicate": the edge samples), stored
+    time-major, in one copy."""
+    batch, channels, steps = x.shape
+    padded = x.new_empty(batch, left + steps + right, channels)
+    padded[:, left : left + steps] = x.transpose(1, 2)
+    if mode == "replicate":
+        padded[:, :left] = x[:, :, :1].transpose(1, 2)
+        padded[:, left + steps :] = x[:, :, -1:].transpose(1, 2)
+    else:
+        padded[:, :left] = 0
+        padded[:, left + steps :] = 0
+    return padded.transpose(1, 2)
 
 
 class CausalConvTranspose1d(CausalConv1d):
@@ -95,10 +126,12 @@ class CausalConvTranspose1d(CausalConv1d):
         self.register_load_state_dict_pre_hook(_read_transposed_layout)
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
-        y = super().forward(x, state)
-        batch, channels, steps = y.shape
+        y = super().forward(x, state).transpose(1, 2)  # [B, T, out * stride], time-major
+        batch, steps, channels = y.shape
         stride = self.upsampling
-        return y.view(batch, channels // stride, stride, steps).transpose(2, 3).reshape(batch, -1, steps * stride)
+        # Sample t * stride + i of channel c is y[:, t, c * stride + i]; the result stays time-major.
+        interleaved = y.reshape(batch, steps, channels // stride, stride).transpose(2, 3)
+        return interleaved.reshape(batch, steps * stride, channels // stride).transpose(1, 2)
 
     def to_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """[out * stride, in / groups, taps] -> nn.ConvTranspose1d's [in, out / groups, kernel]."""
