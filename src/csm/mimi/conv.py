@@ -64,11 +64,11 @@ class CausalConv1d(nn.Conv1d):
         """The convolution of x [B, C, T] without padding.
 
         oneDNN runs Mimi's convolutions of long signals up to twice as fast time-major
-        (channels-last), but then reorders the weight at every call: a short signal (a streamed
-        frame at the low rates) through a large weight is faster channels-first. `conv1d` would
+        (channels-last), but then reorders the weight at every call: a streamed frame at the
+        low rates (a few dozen output steps or fewer) is faster channels-first. `conv1d` would
         not keep the time-major layout, so this goes through `conv2d`.
         """
-        if x.numel() < self.weight.numel():
+        if (x.shape[-1] - self.kernel_size[0]) // self.stride[0] + 1 < 64:
             return super().forward(x)
         x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), 0, 1, self.groups)
