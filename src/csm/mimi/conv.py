@@ -22,6 +22,12 @@ class ConvState:
 
     tail: torch.Tensor | None = None
 
+    def reset(self, rows: torch.Tensor) -> None:
+        """Start the given batch rows (an index tensor) afresh with silence (zeros): the fresh
+        state of a zero-padded convolution and of a transposed one."""
+        if self.tail is not None:
+            self.tail[rows] = 0
+
 
 class CausalConv1d(nn.Conv1d):
     """`nn.Conv1d` with causal padding; `pad_mode` is "constant" (zeros) or "replicate"."""
@@ -33,23 +39,40 @@ class CausalConv1d(nn.Conv1d):
         kernel_size: int,
         stride: int = 1,
         *,
+        groups: int = 1,
         bias: bool = True,
         pad_mode: str = "constant",
     ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
         self.pad_mode = pad_mode
         self.left_padding = kernel_size - stride
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
+        if self.kernel_size[0] == 1:  # pointwise: no padding, nothing to carry over
+            return self._convolve(x)
         if state is None:
             right_padding = -x.shape[-1] % self.stride[0]
-            return super().forward(F.pad(x, (self.left_padding, right_padding), mode=self.pad_mode))
+            return self._convolve(_pad_time_major(x, self.left_padding, right_padding, self.pad_mode))
         if state.tail is None:
             state.tail = self._initial_tail(x)
         x = torch.cat([state.tail, x], dim=-1)
         frames = (x.shape[-1] - self.kernel_size[0]) // self.stride[0] + 1
         state.tail = x[..., frames * self.stride[0] :]
-        return super().forward(x)
+        return self._convolve(x)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of x [B, C, T] without padding.
+
+        oneDNN runs Mimi's convolutions of long signals up to twice as fast time-major
+        (channels-last), but then reorders the weight at every call: a streamed frame at the
+        low rates (a few dozen output steps or fewer) is faster channels-first. `conv1d` would
+        not keep the time-major layout, so this goes through `conv2d`.
+        """
+        if (x.shape[-1] - self.kernel_size[0]) // self.stride[0] + 1 < 64:
+            return super().forward(x)
+        x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x, self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), 0, 1, self.groups)
+        return y.squeeze(2)
 
     def _initial_tail(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_mode == "replicate":
@@ -57,13 +80,32 @@ class CausalConv1d(nn.Conv1d):
         return x.new_zeros(x.shape[0], x.shape[1], self.left_padding)
 
 
-class CausalConvTranspose1d(nn.ConvTranspose1d):
-    """`nn.ConvTranspose1d` that gives `stride` samples per input step.
+def _pad_time_major(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
+    """x [B, C, T] padded in time ("constant": zeros, "replicate": the edge samples), stored
+    time-major, in one copy."""
+    batch, channels, steps = x.shape
+    padded = x.new_empty(batch, left + steps + right, channels)
+    padded[:, left : left + steps] = x.transpose(1, 2)
+    if mode == "replicate":
+        padded[:, :left] = x[:, :, :1].transpose(1, 2)
+        padded[:, left + steps :] = x[:, :, -1:].transpose(1, 2)
+    else:
+        padded[:, :left] = 0
+        padded[:, left + steps :] = 0
+    return padded.transpose(1, 2)
 
-    The last `kernel - stride` output samples of a chunk are incomplete: the whole-signal call
-    drops them, the chunked call keeps them in its state and adds them to the next chunk.
-    Computed as one matmul and an overlap-add: PyTorch's CPU kernel for transposed
-    convolutions is ~20x slower on the few steps of a streamed frame.
+
+class CausalConvTranspose1d(CausalConv1d):
+    """A transposed convolution that gives `stride` samples per input step, computed as the
+    causal convolution it equals: with `taps = kernel // stride`, the `stride` samples of step t
+    depend on input steps t - taps + 1..t only, so a convolution of `taps` steps into
+    `out_channels * stride` channels, whose channels are then interleaved in time, gives them.
+
+    The whole-signal call drops the last `kernel - stride` samples of the transposed
+    convolution (they wait for steps that never come); the streaming state is the last
+    `taps - 1` input steps. Weights are kept in that convolution's layout, and read and
+    written (state dicts) in `nn.ConvTranspose1d`'s, [in, out / groups, kernel] and bias [out].
+    PyTorch's CPU kernel for transposed convolutions is several times slower.
     """
 
     def __init__(
@@ -78,28 +120,42 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
     ):
         if kernel_size % stride:
             raise ValueError(f"kernel_size {kernel_size} must be a multiple of stride {stride}")
-        super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels * stride, kernel_size // stride, groups=groups, bias=bias)
+        self.upsampling = stride
+        self.register_state_dict_post_hook(_write_transposed_layout)
+        self.register_load_state_dict_pre_hook(_read_transposed_layout)
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
-        length = x.shape[-1] * self.stride[0]
-        y = self._overlap_add(x)
-        if state is not None:
-            if state.tail is not None:
-                y[..., : state.tail.shape[-1]] += state.tail
-            state.tail = y[..., length:]
-        y = y[..., :length]
-        return y if self.bias is None else y + self.bias[:, None]
+        y = super().forward(x, state).transpose(1, 2)  # [B, T, out * stride], time-major
+        batch, steps, channels = y.shape
+        stride = self.upsampling
+        # Sample t * stride + i of channel c is y[:, t, c * stride + i]; the result stays time-major.
+        interleaved = y.reshape(batch, steps, channels // stride, stride).transpose(2, 3)
+        return interleaved.reshape(batch, steps * stride, channels // stride).transpose(1, 2)
 
-    def _overlap_add(self, x: torch.Tensor) -> torch.Tensor:
-        """The transposed convolution without bias, all (T - 1) * stride + kernel samples."""
-        batch, _, steps = x.shape
-        stride, groups = self.stride[0], self.groups
-        in_per_group, out_per_group, kernel = self.weight.shape
-        weight = self.weight.view(groups, in_per_group // groups, out_per_group, kernel)
-        # contributions[b, c, t, j, i]: of step t to output sample (t + j) * stride + i
-        contributions = torch.einsum("bgit,giok->bgotk", x.view(batch, groups, -1, steps), weight)
-        contributions = contributions.reshape(batch, groups * out_per_group, steps, kernel // stride, stride)
-        out = x.new_zeros(batch, groups * out_per_group, steps + kernel // stride - 1, stride)
-        for j in range(kernel // stride):
-            out[:, :, j : j + steps] += contributions[:, :, :, j]
-        return out.flatten(2)
+    def to_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """[out * stride, in / groups, taps] -> nn.ConvTranspose1d's [in, out / groups, kernel]."""
+        groups, stride, (channels, in_per_group, taps) = self.groups, self.upsampling, weight.shape
+        out_per_group = channels // stride // groups
+        # Conv tap k reads input step t - (taps - 1 - k): transposed kernel index (taps - 1 - k) * stride + i.
+        grouped = weight.view(groups, out_per_group, stride, in_per_group, taps).flip(-1)
+        return grouped.permute(0, 3, 1, 4, 2).reshape(groups * in_per_group, out_per_group, taps * stride)
+
+    def from_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """nn.ConvTranspose1d's [in, out / groups, kernel] -> [out * stride, in / groups, taps]."""
+        groups, stride, (in_channels, out_per_group, kernel) = self.groups, self.upsampling, weight.shape
+        grouped = weight.reshape(groups, in_channels // groups, out_per_group, kernel // stride, stride)
+        return grouped.permute(0, 2, 4, 1, 3).flip(-1).reshape(-1, in_channels // groups, kernel // stride)
+
+
+def _write_transposed_layout(module: CausalConvTranspose1d, state: dict, prefix: str, metadata: dict) -> None:
+    state[prefix + "weight"] = module.to_transposed_layout(state[prefix + "weight"])
+    if module.bias is not None:
+        state[prefix + "bias"] = state[prefix + "bias"][:: module.upsampling]
+
+
+def _read_transposed_layout(module: CausalConvTranspose1d, state: dict, prefix: str, *_) -> None:
+    if prefix + "weight" in state:
+        state[prefix + "weight"] = module.from_transposed_layout(state[prefix + "weight"]).contiguous()
+    if module.bias is not None and prefix + "bias" in state:
+        state[prefix + "bias"] = state[prefix + "bias"].repeat_interleave(module.upsampling)

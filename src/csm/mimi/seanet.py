@@ -21,11 +21,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
         hidden = channels // 2
+        # In place where the input is a fresh intermediate: large new buffers cost page faults.
         self.block = nn.ModuleList(
             [
-                nn.ELU(),
+                nn.ELU(),  # not in place: x is still needed
                 CausalConv1d(channels, hidden, kernel_size),
-                nn.ELU(),
+                nn.ELU(inplace=True),
                 CausalConv1d(hidden, channels, 1),
             ]
         )
@@ -33,14 +34,17 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: list[ConvState] | None = None) -> torch.Tensor:
         elu1, conv1, elu2, conv2 = self.block
         h = conv1(elu1(x), None if state is None else state[0])
-        return x + conv2(elu2(h), None if state is None else state[1])
+        return conv2(elu2(h), None if state is None else state[1]).add_(x)
 
     def new_state(self) -> list[ConvState]:
         return [ConvState(), ConvState()]
 
 
 class _Stack(nn.Module):
-    """Layers applied in order; each one that streams gets its own slot of the state."""
+    """Layers applied in order; each one that streams gets its own slot of the state.
+
+    Its ELUs work in place: each follows a layer of the stack, whose output nothing else holds.
+    """
 
     layers: nn.ModuleList
 
@@ -51,6 +55,13 @@ class _Stack(nn.Module):
             else:
                 x = layer(x, None if state is None else state[i])
         return x
+
+    def reset_rows(self, state: SEANetState, rows: torch.Tensor) -> None:
+        """Start the given batch rows (an index tensor) of `state` afresh; the others go on."""
+        for layer_state in state:
+            for conv_state in layer_state if isinstance(layer_state, list) else [layer_state]:
+                if conv_state is not None:
+                    conv_state.reset(rows)
 
     def new_state(self) -> SEANetState:
         """A fresh streaming state: silence (zeros) before the first chunk."""
@@ -73,11 +84,11 @@ class SEANetEncoder(_Stack):
         for stride in reversed(config.ratios):
             layers += [
                 ResidualBlock(channels, config.residual_kernel_size),
-                nn.ELU(),
+                nn.ELU(inplace=True),
                 CausalConv1d(channels, channels * 2, 2 * stride, stride),
             ]
             channels *= 2
-        layers += [nn.ELU(), CausalConv1d(channels, config.dim, config.last_kernel_size)]
+        layers += [nn.ELU(inplace=True), CausalConv1d(channels, config.dim, config.last_kernel_size)]
         self.layers = nn.ModuleList(layers)
 
 
@@ -88,10 +99,10 @@ class SEANetDecoder(_Stack):
         layers: list[nn.Module] = [CausalConv1d(config.dim, channels, config.kernel_size)]
         for stride in config.ratios:
             layers += [
-                nn.ELU(),
+                nn.ELU(inplace=True),
                 CausalConvTranspose1d(channels, channels // 2, 2 * stride, stride),
                 ResidualBlock(channels // 2, config.residual_kernel_size),
             ]
             channels //= 2
-        layers += [nn.ELU(), CausalConv1d(channels, 1, config.last_kernel_size)]
+        layers += [nn.ELU(inplace=True), CausalConv1d(channels, 1, config.last_kernel_size)]
         self.layers = nn.ModuleList(layers)

@@ -14,24 +14,66 @@ from csm.mimi.config import MimiConfig
 
 @dataclass
 class KVCache:
-    """Keys and values of the last `window - 1` steps, [B, heads, steps, head_dim]."""
+    """Keys and values of recent steps in a ring of slots, [B, heads, slots, head_dim]."""
 
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 @dataclass
 class TransformerState:
-    """Streaming state: the position of the next step and one cache per layer."""
+    """Streaming state: per layer, a ring of cached keys and values that every batch row steps
+    through together; per row, the position of its next step and the position held in each
+    slot (-1 for an empty slot, which no query sees). A chunk's steps are written into the ring
+    before its queries attend to the whole ring, so it holds `window - 1` steps plus a chunk."""
 
     caches: list[KVCache]
-    position: int = 0
+    positions: torch.Tensor  # [B] int64
+    slot_positions: torch.Tensor  # [B, slots] int64
+    next_slot: int = 0  # where the next step goes, the same in every row
+
+    @property
+    def slots(self) -> int:
+        return self.slot_positions.shape[1]
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Start the given batch rows (an index tensor) afresh; the others keep their history."""
+        self.positions[rows] = 0
+        self.slot_positions[rows] = -1
+
+    def make_room(self, slots: int) -> None:
+        """Grow the ring to `slots`, oldest step first, so the next writes replace the oldest."""
+        if slots <= self.slots:
+            return
+        order = (self.next_slot + torch.arange(self.slots, device=self.positions.device)) % self.slots
+        extra = slots - self.slots
+        for cache in self.caches:
+            cache.keys = F.pad(cache.keys[:, :, order], (0, 0, 0, extra))
+            cache.values = F.pad(cache.values[:, :, order], (0, 0, 0, extra))
+        self.next_slot = self.slots
+        self.slot_positions = F.pad(self.slot_positions[:, order], (0, extra), value=-1)
+
+    def advance(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim slots for the next `steps` steps of every row: (their slot indices [steps],
+        their positions [B, steps])."""
+        device = self.positions.device
+        index = (self.next_slot + torch.arange(steps, device=device)) % self.slots
+        positions = self.positions[:, None] + torch.arange(steps, device=device)
+        self.slot_positions[:, index] = positions
+        self.next_slot = (self.next_slot + steps) % self.slots
+        self.positions += steps
+        return index, positions
 
 
 def rope_tables(start: int, length: int, head_dim: int, base: float, device: torch.device):
     """cos and sin [length, head_dim // 2] of the rotation angles at positions start.."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None] * inv_freq
+    return rope_tables_at(torch.arange(start, start + length, device=device), head_dim, base)
+
+
+def rope_tables_at(positions: torch.Tensor, head_dim: int, base: float):
+    """cos and sin [*positions.shape, head_dim // 2] of the rotation angles at `positions`."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -52,6 +94,13 @@ def window_mask(queries: int, keys: int, window: int, device: torch.device) -> t
     return (delta >= 0) & (delta < window)
 
 
+def streaming_mask(slot_positions: torch.Tensor, queries: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, T, slots]: True where query t of a row (queries [B, T], positions) may attend to a
+    slot (slot_positions [B, slots], -1 where empty): itself and the `window - 1` steps before."""
+    delta = queries[:, :, None] - slot_positions[:, None, :]
+    return ((slot_positions >= 0)[:, None, :] & (delta >= 0) & (delta < window))[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
@@ -61,16 +110,21 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
     ) -> torch.Tensor:
+        """`slots`: where this chunk's keys and values go in `cache` (streaming only)."""
         q, k, v = self.in_proj(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            if cache.keys is not None:
-                k = torch.cat([cache.keys, k], dim=2)
-                v = torch.cat([cache.values, v], dim=2)
-            cache.keys, cache.values = k[:, :, -(self.window - 1) :], v[:, :, -(self.window - 1) :]
-        mask = window_mask(q.shape[2], k.shape[2], self.window, x.device)
+            cache.keys.index_copy_(2, slots, k)
+            cache.values.index_copy_(2, slots, v)
+            k, v = cache.keys, cache.values
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
@@ -87,9 +141,15 @@ class TransformerLayer(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(config.dim))
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = x + self.attn_scale * self.attn(self.norm1(x), cos, sin, cache)
+        x = x + self.attn_scale * self.attn(self.norm1(x), cos, sin, mask, cache, slots)
         return x + self.mlp_scale * self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
 
@@ -98,19 +158,36 @@ class Transformer(nn.Module):
 
     def __init__(self, config: MimiConfig):
         super().__init__()
+        self.config = config
         self.rope_base = config.rope_base
         self.head_dim = config.dim // config.num_heads
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
 
     def forward(self, x: torch.Tensor, state: TransformerState | None = None) -> torch.Tensor:
         x = x.transpose(1, 2)
-        start = 0 if state is None else state.position
-        cos, sin = rope_tables(start, x.shape[1], self.head_dim, self.rope_base, x.device)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if state is None else state.caches[i])
-        if state is not None:
-            state.position += x.shape[1]
+        steps = x.shape[1]
+        window = self.config.window
+        if state is None:
+            cos, sin = rope_tables(0, steps, self.head_dim, self.rope_base, x.device)
+            mask = window_mask(steps, steps, window, x.device)
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask, None, None)
+            return x.transpose(1, 2)
+        state.make_room(window - 1 + steps)
+        slots, positions = state.advance(steps)
+        cos, sin = rope_tables_at(positions[:, None], self.head_dim, self.rope_base)
+        mask = streaming_mask(state.slot_positions, positions, window)
+        for layer, cache in zip(self.layers, state.caches, strict=True):
+            x = layer(x, cos, sin, mask, cache, slots)
         return x.transpose(1, 2)
 
-    def new_state(self) -> TransformerState:
-        return TransformerState(caches=[KVCache() for _ in self.layers])
+    def new_state(self, batch_size: int) -> TransformerState:
+        """A fresh streaming state for `batch_size` rows, every row at position 0, with room
+        for chunks of one frame (it grows for longer ones)."""
+        weight = self.layers[0].attn.in_proj.weight
+        slots = self.config.window - 1 + self.config.frame_stride
+        shape = (batch_size, self.config.num_heads, slots, self.head_dim)
+        caches = [KVCache(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in self.layers]
+        positions = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
+        slot_positions = torch.full((batch_size, slots), -1, dtype=torch.long, device=weight.device)
+        return TransformerState(caches, positions, slot_positions)
