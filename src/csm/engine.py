@@ -6,11 +6,12 @@
             play(chunk)
 
 One worker thread owns the generator's model. Each turn of its loop it admits a waiting request
-into the row above the decoding ones, feeds one chunk of the prompt being prefilled, steps
-every decoding row by one frame in one batched call, decodes the new frames to audio (a
-streaming Mimi decoder per request) for the requests' handles, and frees the rows of finished,
-failed and cancelled requests, moving the last decoding row into each hole so that one step
-covers them all. A request computes exactly what `Generator.generate` computes for it alone:
+into the row above the decoding ones, steps every decoding row by one frame in one batched
+call, feeds one chunk of the prompt being prefilled (so a long prompt stalls the others for
+about one frame per chunk, not for all of it), decodes the new frames to audio in one
+batched streaming Mimi step (a request keeps its Mimi row from its first frame to its end) for
+the requests' handles, and frees the rows of finished, failed and cancelled requests, moving the
+last decoding row into each hole so that one step covers them all. A request computes exactly what `Generator.generate` computes for it alone:
 see `csm.batching`.
 
 Requests come from any thread or asyncio loop; those beyond the rows wait in a bounded queue.
@@ -33,7 +34,6 @@ import torch
 from csm import batching
 from csm.errors import CSMError
 from csm.generator import Generator, Segment
-from csm.mimi.codec import DecodeStream
 
 # Frames per second and time to first audio are reported over this recent window.
 STATS_WINDOW_S = 10.0
@@ -184,11 +184,11 @@ class Handle:
 
 @dataclass
 class _Active:
-    """A request in a row: its stream, its sequence and its audio decoder."""
+    """A request in a row: its stream, its sequence, and its row of the audio decoder once it speaks."""
 
     stream: _Stream
     sequence: batching.Sequence
-    decoder: DecodeStream
+    audio_row: int | None = None
 
 
 @dataclass
@@ -218,6 +218,8 @@ class Engine:
         self.max_queue = max_queue
         self._generator = generator
         self._mimi = generator.mimi
+        self._audio = generator.mimi.decode_stream(max_batch)
+        self._free_audio_rows = list(range(max_batch))
         self._batch = batching.Batch(generator.model, generator.voices)
         generator.model.setup_caches(max_batch)
         self._lock = threading.Condition()
@@ -258,7 +260,7 @@ class Engine:
             if self._pending >= self.max_batch + self.max_queue:
                 self._stats.rejected += 1
                 raise QueueFullError(
-                    f"the engine is full: {self.max_batch} requests running and {self.max_queue} waiting; retry later"
+                    f"the engine is full: {self.max_batch} rows and {self.max_queue} queue places taken; retry later"
                 )
             self._queue.append(stream)
             self._pending += 1
@@ -326,14 +328,17 @@ class Engine:
         self._fail_all(EngineClosedError("the engine was closed before this request finished"))
 
     def _turn(self, incoming: _Stream | None) -> None:
-        """One turn: admit, one prefill chunk, one batched frame, audio out, rows freed."""
+        """One turn: admit, one batched frame, one prefill chunk, audio out, rows freed."""
         if incoming is not None:
             self._admit(incoming)
         self._drop_cancelled()
+        self._release()
+        # The decoding rows step first: a prompt that is all in joins them for the next turn.
+        frames = self._decode() if self._decoding else []
         if self._prefilling is not None:
-            self._prefill()
-        if self._decoding:
-            self._decode()
+            frames += self._prefill()
+        if frames:
+            self._speak(frames)
         self._release()
 
     def _admit(self, stream: _Stream) -> None:
@@ -354,7 +359,7 @@ class Engine:
         except Exception as error:
             self._end(stream, error)
             return
-        self._prefilling = _Active(stream, sequence, self._mimi.decode_stream(1))
+        self._prefilling = _Active(stream, sequence)
 
     def _drop_cancelled(self) -> None:
         for active in self._decoding:
@@ -364,59 +369,74 @@ class Engine:
             self._end(self._prefilling.stream)
             self._prefilling = None
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> list[tuple[_Active, torch.Tensor]]:
+        """One chunk of the prompt being prefilled: its first frame, once the prompt is in."""
         active = self._prefilling
         try:
             frame = self._batch.prefill(active.sequence)
         except Exception as error:
             active.sequence.done = True
             frame, active.stream.error = None, error
-        if frame is not None:
-            self._deliver(active, frame)
-        if active.sequence.done:
+        if active.sequence.done and frame is None:
             self._prefilling = None
             self._end(active.stream, active.stream.error)
         elif active.sequence.last is not None:
             self._prefilling = None
             self._decoding.append(active)
+        return [] if frame is None else [(active, frame)]
 
-    def _decode(self) -> None:
+    def _decode(self) -> list[tuple[_Active, torch.Tensor]]:
+        """One frame for every decoding row, in one step."""
         try:
             frames = self._batch.decode([active.sequence for active in self._decoding])
         except Exception as error:
             for active in self._decoding:
                 active.sequence.done = True
                 active.stream.error = error
-            return
-        for active, frame in zip(self._decoding, frames, strict=True):
-            if frame is not None:
-                self._deliver(active, frame)
-        with self._lock:
-            self._stats.steps.append((time.monotonic(), len(frames)))
+            return []
+        return [(active, frame) for active, frame in zip(self._decoding, frames, strict=True) if frame is not None]
 
-    def _deliver(self, active: _Active, frame: torch.Tensor) -> None:
-        """Decode one frame of `active` to audio and hand it over."""
+    def _speak(self, frames: list[tuple[_Active, torch.Tensor]]) -> None:
+        """Decode this turn's frames to audio in one Mimi step and hand each to its request.
+
+        Every request with a Mimi row makes a frame each turn until it ends, so every row in
+        use advances together; a request gets a fresh row at its first frame.
+        """
+        for active, _ in frames:
+            if active.audio_row is None:
+                active.audio_row = self._free_audio_rows.pop()
+                self._audio.reset([active.audio_row])
+        codes = torch.zeros(self.max_batch, frames[0][1].shape[0], 1, dtype=torch.long)
+        for active, frame in frames:
+            codes[active.audio_row, :, 0] = frame
         try:
             with torch.inference_mode():
-                codes = frame[None, :, None].to(next(self._mimi.parameters()).device)
-                audio = active.decoder.step(codes)[0, 0].float().cpu()
+                audio = self._audio.step(codes)[:, 0].float().cpu()
         except Exception as error:
-            active.sequence.done = True
-            active.stream.error = error
+            for active, _ in frames:
+                active.sequence.done = True
+                active.stream.error = error
             return
-        first = active.stream.first_audio is None
-        active.stream.put(audio)
+        now = time.monotonic()
         with self._lock:
-            self._stats.frames += 1
-            self._stats.audio_seconds += audio.numel() / self._generator.sample_rate
-            if first and active.stream.first_audio is not None:
-                self._stats.first_audio.append(active.stream.first_audio - active.stream.submitted)
+            stats = self._stats
+            stats.steps.append((now, len(frames)))
+            while stats.steps[0][0] < now - STATS_WINDOW_S:
+                stats.steps.popleft()
+            stats.frames += len(frames)
+            stats.audio_seconds += len(frames) * audio.shape[-1] / self._generator.sample_rate
+            for active, _ in frames:
+                if active.stream.first_audio is None:
+                    stats.first_audio.append(now - active.stream.submitted)
+        for active, _ in frames:
+            active.stream.put(audio[active.audio_row].clone())
 
     def _release(self) -> None:
         """End the finished rows and pack the others into rows 0 .. n-1, the prefilling one above."""
         for active in self._decoding:
             if active.sequence.done:
                 self._end(active.stream, active.stream.error)
+                self._free_audio_rows.append(active.audio_row)
         by_sequence = {id(active.sequence): active for active in self._decoding}
         packed = self._batch.pack([active.sequence for active in self._decoding])
         self._decoding = [by_sequence[id(sequence)] for sequence in packed]
@@ -449,6 +469,7 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         running = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
         self._decoding, self._prefilling = [], None
+        self._free_audio_rows = list(range(self.max_batch))
         for active in running:
             self._end(active.stream, error)
 
