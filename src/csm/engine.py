@@ -445,17 +445,20 @@ class Engine:
             self._batch.move(prefilling.sequence, len(self._decoding))
 
     def _end(self, stream: _Stream, error: BaseException | None = None) -> None:
-        """Release a request that held a row (or was admitted): finished, failed or cancelled."""
-        ended = stream.finish(error)
+        """Release a request that held a row (or was admitted): finished, failed or cancelled.
+
+        Its place is free before its consumer hears of the end, so that it can submit again.
+        """
         with self._lock:
             self._pending -= 1
             if stream.cancelled:
                 self._stats.cancelled += 1
             elif error is not None:
                 self._stats.failed += 1
-            elif ended:
+            else:
                 self._stats.finished += 1
             self._lock.notify_all()
+        stream.finish(error)
 
     def _cancelled(self, stream: _Stream) -> None:
         """A handle was cancelled: a waiting request leaves the queue now, a running one at the next turn."""
