@@ -406,7 +406,7 @@ class Engine:
             if active.audio_row is None:
                 active.audio_row = self._free_audio_rows.pop()
                 self._audio.reset([active.audio_row])
-        codes = torch.zeros(self.max_batch, frames[0][1].shape[0], 1, dtype=torch.long)
+        codes = torch.zeros(self.max_batch, frames[0][1].shape[0], 1, dtype=torch.long, device=frames[0][1].device)
         for active, frame in frames:
             codes[active.audio_row, :, 0] = frame
         try:
