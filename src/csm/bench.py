@@ -10,6 +10,7 @@ seconds per streamed frame (a CSM frame plus its Mimi decode step), memory, and,
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -52,7 +53,7 @@ class Mode:
         return f"{self.format} compiled" if self.compile else self.format
 
 
-def parse_modes(text: str, dtype: torch.dtype, compile: bool = False) -> list[Mode]:
+def parse_modes(text: str, dtype: torch.dtype) -> list[Mode]:
     """Modes from a comma-separated list of fp32, bf16, fp16 (unquantized) and quantizations.
 
     Quantized modes keep their activations and unquantized parts in `dtype`.
@@ -64,16 +65,21 @@ def parse_modes(text: str, dtype: torch.dtype, compile: bool = False) -> list[Mo
     for name in names:
         if name not in UNQUANTIZED:
             raise ValueError(f"unknown mode {name!r}: use {', '.join(UNQUANTIZED)}")
-        mode = Mode(UNQUANTIZED[name], compile=compile)
+        mode = Mode(UNQUANTIZED[name])
         if mode in modes:
             raise ValueError(f"mode {name!r} is named twice")
         modes.append(mode)
     return modes
 
 
-def default_modes(dtype: torch.dtype, compile: bool = False) -> list[Mode]:
+def default_modes(dtype: torch.dtype) -> list[Mode]:
     """The unquantized network in `dtype`."""
-    return [Mode(dtype, compile=compile)]
+    return [Mode(dtype)]
+
+
+def with_compiled(modes: list[Mode]) -> list[Mode]:
+    """Each mode followed by its compiled twin, to compare them in the same run."""
+    return [variant for mode in modes for variant in (mode, dataclasses.replace(mode, compile=True))]
 
 
 class Progress(Protocol):

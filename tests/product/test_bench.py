@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from csm.bench import Mode, benchmark, parse_modes
+from csm.bench import Mode, benchmark, parse_modes, with_compiled
 from csm.cli import main
 from csm.quality import prompt_segments, teacher_forcing_sequence
 from tests.product.test_cli import _csm, _exit_status
@@ -100,7 +100,8 @@ def test_benchmark_from_python(assets, parts, mimi):
 
 def test_modes_parse_from_their_names():
     assert parse_modes("bf16, FP32", torch.bfloat16) == [Mode(torch.bfloat16), Mode(torch.float32)]
-    assert [mode.name for mode in parse_modes("fp16", torch.bfloat16, compile=True)] == ["fp16 compiled"]
+    compiled = with_compiled(parse_modes("fp32,fp16", torch.bfloat16))
+    assert [mode.name for mode in compiled] == ["fp32", "fp32 compiled", "fp16", "fp16 compiled"]
 
 
 @pytest.mark.parametrize(
