@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from csm import hub
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.llama import FLAVORS, LlamaConfig
 from csm.model import CSM, CSMConfig
+from csm.quantize import FORMATS as QUANTIZED_FORMATS
+from csm.quantize import INT4_GROUP_SIZE
 from csm.weights import StoredTensor, check_keys_and_shapes, read_checkpoint, shard_finder, some_names
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "ckpt.pt")
@@ -40,18 +43,53 @@ def load_csm(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> CSM:
-    """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`."""
+    """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`.
+
+    The model has the published layout (what fine-tuning trains and what checkpoints hold);
+    `CSM.from_pretrained` also prepares it for fast generation.
+    """
+    checkpoint = open_checkpoint(source, revision=revision)
+    if checkpoint.quantization is not None:
+        raise CheckpointError(
+            f"{checkpoint.path} is quantized ({checkpoint.quantization}) and has no plain weights: "
+            "load it with CSM.from_pretrained"
+        )
+    return build_model(
+        checkpoint.config, checkpoint.stored, device=torch.device(device or "cpu"), dtype=dtype or torch.float32
+    )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint's configuration and tensors (read lazily, in the original layout).
+
+    `quantization` is None for plain weights, else the format of a folder that `csm quantize`
+    wrote ("int8" or "int4"); its quantized linears are stored as `<name>.qweight`,
+    `<name>.scales` (and `<name>.zeros`), the rest in bfloat16.
+    """
+
+    path: Path
+    config: CSMConfig
+    stored: dict[str, StoredTensor]
+    quantization: str | None
+
+
+def open_checkpoint(source: hub.Source = "sesame/csm-1b", *, revision: str | None = None) -> Checkpoint:
+    """Find a checkpoint, read its config and the names and shapes of its tensors."""
     weights_path = hub.resolve_file(source, WEIGHT_FILES, revision=revision)
     stored = {
         name: tensor
         for name, tensor in read_checkpoint(weights_path, shard_finder(source, revision)).items()
         if not _IGNORED.match(name)
     }
-    config = _read_config(source, weights_path, revision)
-    layout = detect_layout(stored)
-    if layout == "transformers":
+    fields = _read_config(source, weights_path, revision)
+    if fields.get("model_type") == "csm":
+        config, quantization = config_from_transformers(fields), None
+    else:
+        config, quantization = CSMConfig.from_dict(fields), _quantization(fields, weights_path)
+    if quantization is None and detect_layout(stored) == "transformers":
         stored = from_transformers_layout(stored, config)
-    return build_model(config, stored, device=torch.device(device or "cpu"), dtype=dtype or torch.float32)
+    return Checkpoint(weights_path, config, stored, quantization)
 
 
 def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: torch.device, dtype: torch.dtype) -> CSM:
@@ -70,25 +108,42 @@ def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: t
 # --- configuration ---------------------------------------------------------------------------
 
 
-def _read_config(source: hub.Source, weights_path: Path, revision: str | None) -> CSMConfig:
-    """The config.json beside the weights, in either layout; CSM-1B's when there is none."""
+def _read_config(source: hub.Source, weights_path: Path, revision: str | None) -> dict[str, Any]:
+    """The fields of the config.json beside the weights, in either layout; {} (CSM-1B's) when there is none."""
     beside = weights_path.parent / CONFIG_FILE
     if beside.is_file():
         path = beside
     elif hub.is_local(source):
-        return CSMConfig()
+        return {}
     else:
         try:
             path = hub.resolve_file(source, [CONFIG_FILE], revision=revision)
         except WeightsNotFoundError:
-            return CSMConfig()
+            return {}
     try:
         fields = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(fields, dict):
         raise CheckpointError(f"{path} does not hold a configuration object")
-    return config_from_transformers(fields) if fields.get("model_type") == "csm" else CSMConfig.from_dict(fields)
+    return fields
+
+
+def _quantization(fields: dict[str, Any], weights_path: Path) -> str | None:
+    quantization = fields.get("quantization")
+    if quantization is None:
+        return None
+    if not isinstance(quantization, dict) or quantization.get("format") not in QUANTIZED_FORMATS:
+        raise CheckpointError(
+            f"the config.json of {weights_path} names an unknown quantization {quantization!r} "
+            f"(known formats: {', '.join(QUANTIZED_FORMATS)})"
+        )
+    if quantization["format"] == "int4" and quantization.get("group_size") != INT4_GROUP_SIZE:
+        raise CheckpointError(
+            f"the config.json of {weights_path} names int4 groups of {quantization.get('group_size')!r}; "
+            f"this version of csm reads groups of {INT4_GROUP_SIZE}"
+        )
+    return quantization["format"]
 
 
 def config_from_transformers(fields: dict[str, Any]) -> CSMConfig:

@@ -113,25 +113,63 @@ class KVCache(nn.Module):
         self.v.zero_()
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` without bias that picks its kernel per call (see `linear`)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T; one bf16/fp16 row on CPU goes through PyTorch's own mat-vec kernel.
+
+    oneDNN, which `F.linear` uses for these dtypes, runs a one-row product at about half the
+    speed of `torch.mv` on AVX-512 CPUs, and is the faster from a few rows on. Choosing here,
+    per call, leaves the process-wide oneDNN switch alone for the threads that run Mimi and
+    the watermark.
+    """
+    if is_matrix_vector(x):
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def is_matrix_vector(x: torch.Tensor) -> bool:
+    """Whether `linear` multiplies x with `torch.mv`, whose output rows are each one dot
+    product, independent of the other rows of the weight."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=False)
-        self.output_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, config.num_heads * config.head_dim)
+        self.k_proj = Linear(config.dim, config.num_kv_heads * config.head_dim)
+        self.v_proj = Linear(config.dim, config.num_kv_heads * config.head_dim)
+        self.output_proj = Linear(config.num_heads * config.head_dim, config.dim)
         self.cache: KVCache | None = None
+        # Set by `csm.inference.prepare`: q, k and v as one fused module (the three above are then gone).
+        self.qkv_proj: nn.Module | None = None
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values of x [B, S, dim]."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x)
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, rows: slice
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = apply_rope(k, rope)
         # Without a cache (training) the sequence attends to itself.
         keys, values = (k, v) if self.cache is None else self.cache.update(input_pos, k, v, rows)
@@ -147,12 +185,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.w1 = Linear(config.dim, config.ffn_dim)
+        self.w2 = Linear(config.ffn_dim, config.dim)
+        self.w3 = Linear(config.dim, config.ffn_dim)
+        # Set by `csm.inference.prepare`: w1 and w3 as one fused module (the two above are then gone).
+        self.w13: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class Layer(nn.Module):

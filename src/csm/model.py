@@ -8,10 +8,9 @@ position 0 for every frame.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csm.errors import CheckpointError
-from csm.llama import FLAVORS, Llama, LlamaConfig
+from csm.llama import FLAVORS, Linear, Llama, LlamaConfig
 from csm.sampling import sample_topk
 
 
@@ -92,8 +91,8 @@ class CSM(nn.Module):
         self.decoder = Llama(decoder)
         self.text_embeddings = nn.Embedding(config.text_vocab_size, backbone.dim)
         self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, backbone.dim)
-        self.projection = nn.Linear(backbone.dim, decoder.dim, bias=False)
-        self.codebook0_head = nn.Linear(backbone.dim, config.audio_vocab_size, bias=False)
+        self.projection = Linear(backbone.dim, decoder.dim)
+        self.codebook0_head = Linear(backbone.dim, config.audio_vocab_size)
         self.audio_head = nn.Parameter(
             torch.empty(config.audio_num_codebooks - 1, decoder.dim, config.audio_vocab_size)
         )
@@ -120,12 +119,42 @@ class CSM(nn.Module):
         revision: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        quantize: str | None = None,
+        compile: bool = False,
     ) -> CSM:
-        """Load a published checkpoint (hub repo id, local folder or file); see `csm.checkpoints`."""
-        # Imported here because loading depends on the network, not the other way round.
-        from csm.checkpoints import load_csm
+        """Load a checkpoint (hub repo id, local folder or file) ready for generation.
 
-        return load_csm(source, revision=revision, device=device, dtype=dtype)
+        Any published layout (see `csm.checkpoints`) or a folder written by `csm quantize`.
+        `dtype` defaults to float32, or bfloat16 with `quantize`. The model is prepared for
+        speed (`csm.inference.prepare`): fused products, tokens unchanged; `quantize="int8"` or
+        `"int4"` quantizes its linears (bfloat16 activations). `compile=True` compiles the frame
+        step (`csm.compiled`). For the plain published layout, for training or saving, use
+        `csm.checkpoints.load_csm`.
+        """
+        # Imported here because loading depends on the network, not the other way round.
+        from csm.checkpoints import build_model, open_checkpoint
+        from csm.compiled import compile_frame_step
+        from csm.inference import check_quantize, prepare
+        from csm.quantized_checkpoint import build_quantized_model
+
+        check_quantize(quantize)
+        if (quantize is not None) and dtype not in (None, torch.bfloat16):
+            raise ValueError(f"quantize={quantize!r} runs in bfloat16, not {str(dtype).removeprefix('torch.')}")
+        device = torch.device(device or "cpu")
+        checkpoint = open_checkpoint(source, revision=revision)
+        if checkpoint.quantization is not None:
+            if quantize not in (None, checkpoint.quantization) or dtype not in (None, torch.bfloat16):
+                raise ValueError(
+                    f"{checkpoint.path} is quantized to {checkpoint.quantization} (bfloat16 activations): "
+                    f"load it with quantize=None or {checkpoint.quantization!r} and the default dtype"
+                )
+            model = build_quantized_model(checkpoint, device=device)
+        else:
+            dtype = dtype or (torch.bfloat16 if quantize else torch.float32)
+            # The published layout: weights that change the model (adapters) go in here, before the swap.
+            model = build_model(checkpoint.config, checkpoint.stored, device=device, dtype=dtype)
+            model = prepare(model, quantize)
+        return compile_frame_step(model) if compile else model
 
     def setup_caches(self, batch_size: int) -> None:
         """Preallocate the KV caches of both transformers for `batch_size` rows."""
@@ -201,12 +230,9 @@ class CSM(nn.Module):
         `temperature`, `topk` and `generator` are one for all rows or one per row; see
         `csm.sampling.sample_topk`. Deciding when speech ends is the caller's.
         """
-        batch, seq, _ = tokens.shape
-        rows = self._check_caches(batch, rows)
-        with _matrix_vector_kernels(self.audio_head, rows=batch * seq):
-            last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos, rows)[:, -1]
-        with _matrix_vector_kernels(self.audio_head, rows=batch):
-            return self._depth_decode(last_hidden, temperature, topk, generator, rows)
+        rows = self._check_caches(tokens.shape[0], rows)
+        last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos, rows)[:, -1]
+        return self._depth_decode(last_hidden, temperature, topk, generator, rows)
 
     def _depth_decode(self, last_hidden, temperature, topk, generator, rows: slice) -> torch.Tensor:
         first = sample_topk(self.codebook0_head(last_hidden), topk, temperature, generator)
@@ -217,12 +243,20 @@ class CSM(nn.Module):
         depth_positions = self.depth_positions[rows]
         positions = depth_positions[:, :2]
         for k in range(1, self.config.audio_num_codebooks):
-            hidden = self.decoder(self.projection(inputs), positions, rows)[:, -1]
-            code = sample_topk(torch.mm(hidden, self.audio_head[k - 1]), topk, temperature, generator)
+            logits = self.depth_step(inputs, positions, rows, self.audio_head[k - 1])
+            code = sample_topk(logits, topk, temperature, generator)
             codes.append(code)
             inputs = self.audio_embeddings(code + self.codebook_offsets[k])
             positions = depth_positions[:, k + 1 : k + 2]
         return torch.cat(codes, dim=1)
+
+    def depth_step(
+        self, inputs: torch.Tensor, positions: torch.Tensor, rows: slice, head: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, V] of one codebook: the depth decoder over inputs [B, S, backbone dim] at
+        positions [B, S], through that codebook's head [decoder dim, V]."""
+        hidden = self.decoder(self.projection(inputs), positions, rows)[:, -1]
+        return torch.mm(hidden, head)
 
     def _check_caches(self, batch_size: int, rows: slice | None) -> slice:
         """The cache rows a batch of `batch_size` runs in: `rows`, or 0 .. batch_size-1."""
@@ -237,19 +271,3 @@ class CSM(nn.Module):
                 f"got rows {rows.start}..{rows.stop}"
             )
         return slice(start, stop)
-
-
-@contextlib.contextmanager
-def _matrix_vector_kernels(weight: torch.Tensor, rows: int) -> Iterator[None]:
-    """Bypass oneDNN for single-row bf16/fp16 products on CPU.
-
-    There oneDNN runs matrix-vector products at about half the speed of PyTorch's own kernel
-    (measured on an AVX-512 CPU), which in turn is far slower than oneDNN from ~8 rows on.
-    """
-    native = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16) and rows == 1
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = previous and not native
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous

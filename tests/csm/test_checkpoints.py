@@ -7,7 +7,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
-from csm.checkpoints import config_from_transformers
+from csm.checkpoints import config_from_transformers, load_csm
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.llama import FLAVORS
 from csm.model import CSM, CSMConfig
@@ -38,10 +38,10 @@ def assert_weights_equal(model, expected):
 
 
 def test_original_safetensors_folder_and_file(original_dir, config, expected):
-    model = CSM.from_pretrained(original_dir)
+    model = load_csm(original_dir)
     assert model.config == config
     assert_weights_equal(model, expected)
-    assert_weights_equal(CSM.from_pretrained(original_dir / "model.safetensors"), expected)
+    assert_weights_equal(load_csm(original_dir / "model.safetensors"), expected)
 
 
 @pytest.mark.parametrize("layout, shard", [("ckpt", None), ("transformers", None), ("transformers", "8MB")])
@@ -49,13 +49,13 @@ def test_every_layout_loads_the_same_weights(tmp_path, config, expected, layout,
     folder = write_csm_checkpoint(tmp_path, config, layout=layout, seed=3, max_shard_size=shard)
     if shard:
         assert (folder / "model.safetensors.index.json").is_file()
-    model = CSM.from_pretrained(folder)
+    model = load_csm(folder)
     assert model.config == config
     assert_weights_equal(model, expected)
 
 
 def test_loads_into_the_requested_dtype(original_dir, expected):
-    model = CSM.from_pretrained(original_dir, dtype=torch.bfloat16, device="cpu")
+    model = load_csm(original_dir, dtype=torch.bfloat16, device="cpu")
     assert {tensor.dtype for tensor in model.state_dict().values()} == {torch.bfloat16}
     assert_weights_equal(model, expected)
     assert not any(parameter.requires_grad for parameter in model.parameters())
@@ -67,13 +67,13 @@ def test_offline_from_the_hub_cache(monkeypatch, tmp_path, original_dir, expecte
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert_weights_equal(CSM.from_pretrained("sesame/csm-1b"), expected)
+    assert_weights_equal(load_csm("sesame/csm-1b"), expected)
 
 
 def test_stray_causal_masks_are_ignored(tmp_path, config, expected):
     save_file({**expected, "backbone_causal_mask": torch.ones(4, 4, dtype=torch.bool)}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    assert_weights_equal(CSM.from_pretrained(tmp_path), expected)
+    assert_weights_equal(load_csm(tmp_path), expected)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, config, expected):

@@ -1,0 +1,115 @@
+"""The inference form of a CSM whose weights are final: fused products, optionally quantized.
+
+`prepare(model, quantize)` swaps modules in place, once, after loading (and after any
+adapter is merged into the plain weights):
+
+- each layer's q/k/v projections become one product, and so do the MLP's w1 and w3: one
+  weight read and one kernel call instead of three or two, with bit-identical outputs
+  (each output row is the same dot product whichever matrix holds it);
+- with `quantize="int8"` or `"int4"`, every linear of the backbone and the depth decoder
+  and the projection between them becomes a `csm.quantize.QuantizedLinear`. The
+  embeddings and the two heads stay as they are: embeddings are gathered, not multiplied
+  (a lookup reads 2 rows, not the table), and the heads pick the codes themselves, so their
+  error would change tokens directly; they are also only ~7% of a frame's weight traffic.
+
+The plain model (`csm.checkpoints.load_csm`) keeps the published layout, for training and
+for saving; the prepared one is for generation only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csm import quantize as quantization
+from csm.llama import Linear, is_matrix_vector
+from csm.model import CSM
+from csm.quantize import FORMATS, QuantizedLinear, QuantizedWeight, concatenate
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in FORMATS:
+        raise ValueError(f"unknown quantize={quantize!r}: use None, {' or '.join(map(repr, FORMATS))}")
+
+
+def quantized_linear_names(model: CSM) -> list[str]:
+    """The published names (without `.weight`) of the linears that quantization covers."""
+    names = ["projection"]
+    for stack in ("backbone", "decoder"):
+        for index in range(len(getattr(model, stack).layers)):
+            prefix = f"{stack}.layers.{index}"
+            names += [f"{prefix}.attn.{part}" for part in ("q_proj", "k_proj", "v_proj", "output_proj")]
+            names += [f"{prefix}.mlp.{part}" for part in ("w1", "w2", "w3")]
+    return names
+
+
+def prepare(
+    model: CSM, quantize: str | None = None, *, quantized: Callable[[str], QuantizedWeight] | None = None
+) -> CSM:
+    """Fuse (and with `quantize`, quantize) the linears of `model` in place; returns it.
+
+    `quantized` reads the already quantized weight of a linear by its published name (from a
+    quantized checkpoint, one layer at a time); the linears of `model` may then be on the
+    meta device.
+    """
+    check_quantize(quantize)
+    dtype = model.codebook0_head.weight.dtype
+    if (quantize or quantized) and dtype != torch.bfloat16:
+        raise ValueError(f"quantized models run in bfloat16, not {str(dtype).removeprefix('torch.')}")
+
+    def fused(*names: str) -> nn.Module:
+        parts = [quantized(name) if quantized else model.get_submodule(name).weight for name in names]
+        return _linear(parts, quantize)
+
+    for stack in ("backbone", "decoder"):
+        for index, layer in enumerate(getattr(model, stack).layers):
+            prefix = f"{stack}.layers.{index}"
+            attn, mlp = layer.attn, layer.mlp
+            attn.qkv_proj = fused(*(f"{prefix}.attn.{part}" for part in ("q_proj", "k_proj", "v_proj")))
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            attn.output_proj = fused(f"{prefix}.attn.output_proj")
+            mlp.w13 = fused(f"{prefix}.mlp.w1", f"{prefix}.mlp.w3")
+            del mlp.w1, mlp.w3
+            mlp.w2 = fused(f"{prefix}.mlp.w2")
+    model.projection = fused("projection")
+    return model
+
+
+def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -> nn.Module:
+    """One module for the linears whose weights are `parts`: itself for one, else a `FusedLinear`."""
+    sizes = [part.shape[0] for part in parts]
+    if all(isinstance(part, QuantizedWeight) for part in parts):
+        linear = QuantizedLinear(concatenate(parts))
+    else:
+        weight = parts[0] if len(parts) == 1 else torch.cat(parts)
+        del parts[:]  # the separate weights are freed as soon as their modules are
+        if quantize is not None:
+            linear = QuantizedLinear(quantization.quantize(weight, quantize))
+        else:
+            with torch.device("meta"):
+                linear = Linear(weight.shape[1], weight.shape[0])
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear if len(sizes) == 1 else FusedLinear(linear, sizes)
+
+
+class FusedLinear(nn.Module):
+    """Several linears of the same input as one, their weights' rows stacked: returns one output each.
+
+    A quantized kernel and the one-row mat-vec kernel compute every output row alone, so one
+    product over the stacked weight gives each part bit for bit. Multi-row float kernels
+    (oneDNN, MKL) block the reduction by the output width, so those run each part on its own
+    rows of the weight, exactly as the separate linears did.
+    """
+
+    def __init__(self, linear: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.linear = linear
+        self.sizes = sizes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.linear, Linear) and not is_matrix_vector(x):
+            return tuple(F.linear(x, weight) for weight in self.linear.weight.split(self.sizes))
+        return self.linear(x).split(self.sizes, dim=-1)
