@@ -24,6 +24,7 @@ from csm.generator import FRAME_MS, Generator
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.quality import ScoredSequence, teacher_forced_logits
+from csm.quantize import FORMATS as QUANTIZED_FORMATS
 
 # Long enough that a real model keeps talking through the timed frames.
 TEXT = (
@@ -37,7 +38,8 @@ UNQUANTIZED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 @dataclass(frozen=True)
 class Mode:
-    """A way to run CSM: weights unquantized in `dtype`, or quantized with activations in `dtype`."""
+    """A way to run CSM: weights unquantized in `dtype`, or quantized with activations in `dtype`
+    (bfloat16, the only one the quantized kernels take); `compile` compiles its frame step."""
 
     dtype: torch.dtype
     quantize: str | None = None
@@ -54,18 +56,20 @@ class Mode:
 
 
 def parse_modes(text: str, dtype: torch.dtype) -> list[Mode]:
-    """Modes from a comma-separated list of fp32, bf16, fp16 (unquantized) and quantizations.
+    """Modes from a comma-separated list of fp32, bf16, fp16 (unquantized) and int8, int4.
 
-    Quantized modes keep their activations and unquantized parts in `dtype`.
+    Quantized modes run with bfloat16 activations whatever `dtype`; a name without a format
+    means the unquantized model in `dtype`.
     """
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    known = [*UNQUANTIZED, *QUANTIZED_FORMATS]
     if not names:
-        raise ValueError("no modes given: name some of " + ", ".join(UNQUANTIZED))
+        raise ValueError(f"no modes given: name some of {', '.join(known)}")
     modes = []
     for name in names:
-        if name not in UNQUANTIZED:
-            raise ValueError(f"unknown mode {name!r}: use {', '.join(UNQUANTIZED)}")
-        mode = Mode(UNQUANTIZED[name])
+        if name not in known:
+            raise ValueError(f"unknown mode {name!r}: use {', '.join(known)}")
+        mode = Mode(torch.bfloat16, name) if name in QUANTIZED_FORMATS else Mode(UNQUANTIZED[name])
         if mode in modes:
             raise ValueError(f"mode {name!r} is named twice")
         modes.append(mode)
@@ -73,8 +77,8 @@ def parse_modes(text: str, dtype: torch.dtype) -> list[Mode]:
 
 
 def default_modes(dtype: torch.dtype) -> list[Mode]:
-    """The unquantized network in `dtype`."""
-    return [Mode(dtype)]
+    """The unquantized network in `dtype`, then every weight-only quantization."""
+    return [Mode(dtype), *(Mode(torch.bfloat16, name) for name in QUANTIZED_FORMATS)]
 
 
 def with_compiled(modes: list[Mode]) -> list[Mode]:
@@ -178,7 +182,7 @@ def teacher_forced(
 
 
 def _load(mode: Mode, model: str | os.PathLike, device: torch.device) -> CSM:
-    network = CSM.from_pretrained(model, device=device, dtype=mode.dtype)
+    network = CSM.from_pretrained(model, device=device, dtype=mode.dtype, quantize=mode.quantize, compile=mode.compile)
     _synchronize(device)
     return network
 

@@ -378,8 +378,8 @@ def _add_bench(commands) -> None:
     )
     bench.add_argument(
         "--quantize", metavar="MODES",
-        help="comma-separated modes to measure: fp32, bf16 or fp16 (unquantized) "
-        "(default: the unquantized model in --dtype)",
+        help="comma-separated modes to measure: fp32, bf16, fp16 (unquantized), int8, int4 (weight-only, "
+        "bfloat16 activations) (default: the --dtype model, int8 and int4; a `csm quantize` folder: its format)",
     )
     bench.add_argument(
         "--compile", action="store_true",
@@ -400,9 +400,8 @@ def _add_bench(commands) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from csm import quality
     from csm.bench import WARMUP_FRAMES, Mode, benchmark, default_modes, parse_modes, teacher_forced, with_compiled
-    from csm.checkpoints import WEIGHT_FILES
+    from csm.checkpoints import open_checkpoint
     from csm.devices import default_dtype, parse_dtype
-    from csm.hub import resolve_file
     from csm.mimi import Mimi
     from csm.text import load_tokenizer
 
@@ -410,11 +409,19 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames must be at least 2, got {args.frames}")
     device = _device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
-    modes = parse_modes(args.quantize, dtype) if args.quantize else default_modes(dtype)
+    # Opened first (config and tensor names only), so that a wrong --model fails at once.
+    quantized = open_checkpoint(args.model).quantization
+    if quantized:
+        modes = parse_modes(args.quantize or quantized, dtype)
+        if args.quality or any(mode.quantize != quantized for mode in modes):
+            raise ValueError(
+                f"{args.model} holds {quantized} weights only: it runs as --quantize {quantized}, without "
+                "--quality (which compares with the unquantized model); pass the original weights for more"
+            )
+    else:
+        modes = parse_modes(args.quantize, dtype) if args.quantize else default_modes(dtype)
     if args.compile:
         modes = with_compiled(modes)
-    # Found first, so that a wrong --model fails at once rather than after the tokenizer's fallbacks.
-    resolve_file(args.model, WEIGHT_FILES)
     tokenizer = load_tokenizer(args.tokenizer, model_source=args.model)
     mimi = Mimi.from_pretrained(args.mimi, device=device, dtype=torch.float32, num_codebooks=32)
     sequence, source, scored, scored_only = None, "", [], []
