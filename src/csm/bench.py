@@ -55,12 +55,9 @@ class Mode:
         return f"{self.format} compiled" if self.compile else self.format
 
 
-def parse_modes(text: str, dtype: torch.dtype) -> list[Mode]:
-    """Modes from a comma-separated list of fp32, bf16, fp16 (unquantized) and int8, int4.
-
-    Quantized modes run with bfloat16 activations whatever `dtype`; a name without a format
-    means the unquantized model in `dtype`.
-    """
+def parse_modes(text: str) -> list[Mode]:
+    """Modes from a comma-separated list of fp32, bf16, fp16 (unquantized) and int8, int4
+    (bfloat16 activations)."""
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     known = [*UNQUANTIZED, *QUANTIZED_FORMATS]
     if not names:

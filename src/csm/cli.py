@@ -412,14 +412,14 @@ def _bench(args: argparse.Namespace) -> int:
     # Opened first (config and tensor names only), so that a wrong --model fails at once.
     quantized = open_checkpoint(args.model).quantization
     if quantized:
-        modes = parse_modes(args.quantize or quantized, dtype)
+        modes = parse_modes(args.quantize or quantized)
         if args.quality or any(mode.quantize != quantized for mode in modes):
             raise ValueError(
                 f"{args.model} holds {quantized} weights only: it runs as --quantize {quantized}, without "
                 "--quality (which compares with the unquantized model); pass the original weights for more"
             )
     else:
-        modes = parse_modes(args.quantize, dtype) if args.quantize else default_modes(dtype)
+        modes = parse_modes(args.quantize) if args.quantize else default_modes(dtype)
     if args.compile:
         modes = with_compiled(modes)
     tokenizer = load_tokenizer(args.tokenizer, model_source=args.model)

@@ -114,11 +114,11 @@ def test_benchmark_from_python(assets, parts, mimi):
 
 
 def test_modes_parse_from_their_names():
-    assert parse_modes("bf16, FP32", torch.bfloat16) == [Mode(torch.bfloat16), Mode(torch.float32)]
-    # Quantized modes take bfloat16 activations whatever the dtype.
-    assert parse_modes("int8,int4", torch.float32) == [Mode(torch.bfloat16, "int8"), Mode(torch.bfloat16, "int4")]
+    assert parse_modes("bf16, FP32") == [Mode(torch.bfloat16), Mode(torch.float32)]
+    # Quantized modes take bfloat16 activations, whatever --dtype says.
+    assert parse_modes("int8,int4") == [Mode(torch.bfloat16, "int8"), Mode(torch.bfloat16, "int4")]
     assert [mode.name for mode in default_modes(torch.float32)] == ["fp32", "int8", "int4"]
-    compiled = with_compiled(parse_modes("fp32,fp16", torch.bfloat16))
+    compiled = with_compiled(parse_modes("fp32,fp16"))
     assert [mode.name for mode in compiled] == ["fp32", "fp32 compiled", "fp16", "fp16 compiled"]
 
 
