@@ -1,14 +1,17 @@
 """CSM-1B on CPU: loading and generation speed, ours against transformers on the same weights.
 
-    python benchmarks/bench_csm.py [--frames 8] [--threads N] [--workdir /tmp/csm-bench]
+    python benchmarks/bench_csm.py [--frames 8] [--threads N] [--workdir /tmp/csm-bench] [--compile]
 
 Writes a full-size CSM-1B checkpoint with random weights in the original layout (fp32,
-6.2 GB) once, then:
-- loads it in fp32 and in bf16, each in a fresh process, reporting the load time and the
-  peak memory it added (to compare with the loaded model's size);
+6.2 GB) once, and its int8 and int4 folders (`csm quantize`), then:
+- loads each in a fresh process (fp32, bf16, and the quantized folders), reporting the load
+  time, the resident size of the loaded model and the peak memory the load added;
+- measures the floor of this machine in this run: the fastest bf16 matrix-vector product on
+  a weight too large for the caches, times the bf16 weights a frame reads;
 - times generation in seconds per frame (a short text prompt, then a fixed number of frames,
-  end of speech not checked) for our CSM in fp32 and bf16 and for transformers'
-  `CsmForConditionalGeneration.generate` in fp32 holding the same weights.
+  end of speech not checked) for our CSM in fp32, bf16, int8 and int4 (and bf16 compiled
+  with --compile) and for transformers' `CsmForConditionalGeneration.generate` in fp32
+  holding the same weights.
 Needs about 16 GB of free memory; transformers is the only extra package.
 """
 
@@ -24,9 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-import csm.checkpoints  # noqa: F401 - imported up front so that its import is not counted as loading memory
+import csm.quantized_checkpoint  # noqa: F401 - imported up front so that its import is not counted as loading memory
+from csm.checkpoints import load_csm
 from csm.model import CSM, CSMConfig
+from csm.quantized_checkpoint import save_quantized
 
 PROMPT_LENGTH = 24
 WARMUP_FRAMES = 1
@@ -79,21 +85,81 @@ def _current_rss_bytes() -> int:
     return pages * resource.getpagesize()
 
 
-def load_in_fresh_process(directory: Path, dtype: str) -> dict:
+def load_in_fresh_process(directory: Path, dtype: str, quantize: str) -> dict:
     """Load time and memory of `CSM.from_pretrained` in a process of its own."""
     output = subprocess.run(
-        [sys.executable, __file__, "--measure-load", str(directory), dtype], check=True, capture_output=True, text=True
+        [sys.executable, __file__, "--measure-load", str(directory), dtype, quantize],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(output.splitlines()[-1])
 
 
-def measure_load(directory: str, dtype: str) -> None:
+def measure_load(directory: str, dtype: str, quantize: str) -> None:
     before = _current_rss_bytes()
     start = time.perf_counter()
-    model = CSM.from_pretrained(directory, dtype=getattr(torch, dtype))
+    quantize = None if quantize == "none" else quantize
+    model = CSM.from_pretrained(directory, dtype=getattr(torch, dtype), quantize=quantize)
     seconds = time.perf_counter() - start
-    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
-    print(json.dumps({"seconds": seconds, "model_bytes": size, "added_rss_bytes": _peak_rss_bytes() - before}))
+    peak = _peak_rss_bytes() - before
+    # Resident after loading and after 4 frames: mapped tables count only for the pages in use.
+    loaded = _current_rss_bytes() - before
+    ours_seconds_per_frame(model, frames=4)
+    caches = sum(layer.attn.cache.k.nbytes * 2 for llama in (model.backbone, model.decoder) for layer in llama.layers)
+    generating = _current_rss_bytes() - before - caches
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "model_bytes": resident_bytes(model),
+                "added_rss_bytes": peak,
+                "loaded_rss_bytes": loaded,
+                "generating_rss_bytes": generating,
+            }
+        )
+    )
+
+
+def resident_bytes(model: CSM) -> int:
+    """Bytes of the model's parameters and buffers (without KV caches: measured before setup_caches)."""
+    tensors = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+
+def bf16_bytes_per_frame(config: CSMConfig) -> int:
+    """The bf16 weights one batch-1 frame reads: the backbone's linears and first head once,
+    then per depth step the decoder's linears, the projection and one codebook's head."""
+    backbone, decoder = config.backbone, config.decoder
+
+    def layer_weights(llama) -> int:
+        attention = llama.dim * (llama.num_heads + 2 * llama.num_kv_heads) * llama.head_dim
+        attention += llama.num_heads * llama.head_dim * llama.dim
+        return llama.num_layers * (attention + 3 * llama.dim * llama.ffn_dim)
+
+    backbone_weights = layer_weights(backbone) + backbone.dim * config.audio_vocab_size
+    step = layer_weights(decoder) + backbone.dim * decoder.dim + decoder.dim * config.audio_vocab_size
+    return 2 * (backbone_weights + (config.audio_num_codebooks - 1) * step)
+
+
+def matrix_vector_floor_seconds(bytes_per_frame: int, repeats: int = 20) -> tuple[float, str]:
+    """The fastest bf16 matrix-vector kernel's time for a frame's bytes, and which kernel it was.
+
+    Measured on 8192 x 8192 weights (128 MB each, cycled through 4 so none stays cached)."""
+    weights = [torch.randn(8192, 8192).to(torch.bfloat16) for _ in range(4)]
+    x = torch.randn(8192).to(torch.bfloat16)
+    kernels = {"torch.mv": lambda w: torch.mv(w, x), "F.linear (oneDNN)": lambda w: F.linear(x[None], w)}
+    best = {}
+    for name, kernel in kernels.items():
+        for weight in weights:
+            kernel(weight)
+        start = time.perf_counter()
+        for step in range(repeats):
+            kernel(weights[step % len(weights)])
+        best[name] = (time.perf_counter() - start) / repeats
+    name = min(best, key=best.get)
+    bytes_per_second = weights[0].numel() * 2 / best[name]
+    return bytes_per_frame / bytes_per_second, f"{name}, {bytes_per_second / 1e9:.1f} GB/s"
 
 
 def text_prompt(config: CSMConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +234,10 @@ def transformers_seconds_per_frame(oracle, config: CSMConfig, frames: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=8, help="frames timed per configuration")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench"), help="where the checkpoint goes")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench"), help="where the checkpoints go")
     parser.add_argument("--threads", type=int, help="torch threads for generation (default: torch's choice)")
-    parser.add_argument("--measure-load", nargs=2, metavar=("DIR", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also time bf16 with compile=True")
+    parser.add_argument("--measure-load", nargs=3, metavar=("DIR", "DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,33 +247,65 @@ def main() -> None:
 
     start = time.perf_counter()
     directory = write_random_checkpoint(args.workdir / "csm-1b-random", CSMConfig())
-    print(f"random full-size checkpoint: {directory} ({time.perf_counter() - start:.0f} s)")
+    quantized = {}
+    for quantize in ("int8", "int4"):
+        quantized[quantize] = args.workdir / f"csm-1b-random-{quantize}"
+        if not (quantized[quantize] / "config.json").is_file():
+            save_quantized(load_csm(directory, dtype=torch.bfloat16), quantized[quantize], quantize)
+    print(f"random full-size checkpoints: {args.workdir} ({time.perf_counter() - start:.0f} s)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 
-    print("| load (fresh process) | seconds | model GB | peak RSS added GB | ratio |")
-    print("|---|---|---|---|---|")
-    for dtype in ("float32", "bfloat16"):
-        load = load_in_fresh_process(directory, dtype)
+    print(
+        "| load (fresh process) | seconds | tensors GB | peak RSS added GB | peak / tensors "
+        "| resident GB, loaded | resident GB, after 4 frames (without KV caches) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    loads = [
+        ("float32", directory, "float32", "none"),
+        ("bfloat16", directory, "bfloat16", "none"),
+        ("int8 folder", quantized["int8"], "bfloat16", "none"),
+        ("int4 folder", quantized["int4"], "bfloat16", "none"),
+    ]
+    for name, folder, dtype, quantize in loads:
+        load = load_in_fresh_process(folder, dtype, quantize)
         ratio = load["added_rss_bytes"] / load["model_bytes"]
         print(
-            f"| {dtype} | {load['seconds']:.1f} | {load['model_bytes'] / 1e9:.2f} | "
-            f"{load['added_rss_bytes'] / 1e9:.2f} | {ratio:.2f} |"
+            f"| {name} | {load['seconds']:.1f} | {load['model_bytes'] / 1e9:.2f} | "
+            f"{load['added_rss_bytes'] / 1e9:.2f} | {ratio:.2f} | {load['loaded_rss_bytes'] / 1e9:.2f} | "
+            f"{load['generating_rss_bytes'] / 1e9:.2f} |"
         )
 
+    floor, kernel = matrix_vector_floor_seconds(bf16_bytes_per_frame(CSMConfig()))
     rows = []
     model = CSM.from_pretrained(directory)
     rows.append(("csm fp32", ours_seconds_per_frame(model, args.frames)))
     oracle = transformers_model(model)
     rows.append(("transformers fp32", transformers_seconds_per_frame(oracle, model.config, args.frames)))
     del oracle, model
-    model = CSM.from_pretrained(directory, dtype=torch.bfloat16)
-    rows.append(("csm bf16", ours_seconds_per_frame(model, args.frames)))
+    # The published layout, as fine-tuning holds it: what the fused products gain.
+    model = load_csm(directory, dtype=torch.bfloat16)
+    rows.append(("csm bf16, unfused (load_csm)", ours_seconds_per_frame(model, args.frames)))
+    del model
+    modes = [("csm bf16", directory, {"dtype": torch.bfloat16})]
+    if args.compile:
+        modes.append(("csm bf16 compiled", directory, {"dtype": torch.bfloat16, "compile": True}))
+    modes += [("csm int8", quantized["int8"], {}), ("csm int4", quantized["int4"], {})]
+    for name, folder, options in modes:
+        model = CSM.from_pretrained(folder, **options)
+        rows.append((name, ours_seconds_per_frame(model, args.frames)))
+        if options.get("compile"):
+            compiled = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in model.compile_seconds.items())
+            print(f"compile time (first frame): {compiled}")
+        del model
 
     baseline = rows[1][1]
-    print(f"\n| generation, batch 1, {args.frames} frames | s/frame | speed-up vs transformers fp32 |")
-    print("|---|---|---|")
+    print(
+        f"\nbf16 floor in this run: {floor:.3f} s/frame ({kernel}, {bf16_bytes_per_frame(CSMConfig()) / 1e9:.2f} GB a frame)"
+    )
+    print(f"\n| generation, batch 1, {args.frames} frames | s/frame | vs transformers fp32 | vs bf16 floor |")
+    print("|---|---|---|---|")
     for name, seconds in rows:
-        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x |")
+        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x | {seconds / floor:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -509,6 +509,8 @@ def _load_generator(args: argparse.Namespace):
     device = _device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
     watermark = False if args.no_watermark else (args.watermark_key or True)
+    if args.compile:
+        print("csm: note: --compile: the first frame waits for the compiler (a minute or more on a CPU)", file=sys.stderr)
     return load_csm_1b(
         device,
         dtype=dtype,

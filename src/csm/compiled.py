@@ -1,10 +1,10 @@
-"""`torch.compile` of the frame step: the backbone over new positions and one depth-decoder step.
+"""`torch.compile` of the frame step: the backbone's step over one new position and one depth-decoder step.
 
 Sampling stays outside the compiled graphs, so the random draws are the eager ones. On CPU,
 inductor fuses the small operations around the matrix products (norms, RoPE, the cache
 writes) and removes most of their dispatch cost; on CUDA the graphs are also captured as
 CUDA graphs ("reduce-overhead"), the depth decoder's steps included. The first frame pays
-for the compilation (tens of seconds on a CPU); `CompiledTimes` reports it.
+for the compilation (tens of seconds on a CPU); `model.compile_seconds` reports it.
 
 Guarantee: the same computation up to floating-point rounding (inductor may keep bf16
 intermediates in float32 and reorder reductions), so logits agree within rounding and
@@ -22,11 +22,25 @@ from csm.model import CSM
 
 
 def compile_frame_step(model: CSM) -> CSM:
-    """Compile `model`'s backbone and depth-decoder step in place (on the first call); returns it."""
+    """Compile `model`'s one-position backbone step and its depth-decoder step in place; returns it.
+
+    Each is compiled at its first call, for static shapes: the batch size and the cache rows
+    are part of the graph, so a new batch size or row range compiles again (a batching
+    engine that steps many different ranges is better served eagerly). A prompt of several
+    positions (prefill, a large product that compilation does not speed up) runs eagerly, so
+    prompts of new lengths never wait for the compiler.
+    """
     cuda = next(model.parameters()).device.type == "cuda"
     options = {"mode": "reduce-overhead"} if cuda else {}
     model.compile_seconds = {}
-    model.backbone_hidden = _timed(model, "backbone", torch.compile(model.backbone_hidden, dynamic=False, **options))
+    eager_backbone = model.backbone_hidden
+    backbone_step = _timed(model, "backbone step", torch.compile(eager_backbone, dynamic=False, **options))
+
+    def backbone_hidden(tokens, tokens_mask, input_pos, rows=None):
+        run = backbone_step if tokens.shape[1] == 1 else eager_backbone
+        return run(tokens, tokens_mask, input_pos, rows)
+
+    model.backbone_hidden = backbone_hidden
     model.depth_step = _timed(model, "depth step", torch.compile(model.depth_step, dynamic=False, **options))
     return model
 

@@ -10,7 +10,7 @@ adapter is merged into the plain weights):
   and the projection between them becomes a `csm.quantize.QuantizedLinear`. The
   embeddings and the two heads stay as they are: embeddings are gathered, not multiplied
   (a lookup reads 2 rows, not the table), and the heads pick the codes themselves, so their
-  error would change tokens directly; they are also only ~7% of a frame's weight traffic.
+  error would change tokens directly; they are also only ~1.5% of a frame's weight traffic.
 
 The plain model (`csm.checkpoints.load_csm`) keeps the published layout, for training and
 for saving; the prepared one is for generation only.

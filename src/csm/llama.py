@@ -61,12 +61,12 @@ def rope_table(config: LlamaConfig, num_positions: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, D] by rope [B, S, D/2, 2].
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, D] by rope [B, 1, S, D/2, 2], float32.
 
-    The math runs in float32 whatever the table's dtype, as the reference does.
+    The math runs in float32 whatever x's dtype, as the reference does.
     """
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = rope.float().unsqueeze(1).unbind(-1)
+    cos, sin = rope.unbind(-1)
     even, odd = pairs.unbind(-1)
     rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
     return rotated.flatten(-2).type_as(x)
@@ -174,10 +174,11 @@ class Attention(nn.Module):
         # Without a cache (training) the sequence attends to itself.
         keys, values = (k, v) if self.cache is None else self.cache.update(input_pos, k, v, rows)
         # Query head h reads kv head h // groups: fold each kv head's group of query heads into
-        # the sequence axis instead of repeating the cache for every query head.
+        # the sequence axis instead of repeating the cache for every query head (the mask is
+        # repeated likewise, once for all layers).
         groups = self.num_heads // self.num_kv_heads
         q = apply_rope(q, rope).reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.repeat(1, 1, groups, 1))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
         return self.output_proj(out)
 
@@ -261,6 +262,10 @@ class Llama(nn.Module):
         else:
             mask = (input_pos.unsqueeze(-2) <= input_pos.unsqueeze(-1)).unsqueeze(1)
             rope = rope_table(self.config, int(input_pos.max()) + 1).to(x.device)[input_pos]
+        # Computed once here rather than in every layer: the rotation's float32 table and the
+        # mask of the query heads folded into the sequence axis (see Attention).
+        rope = rope.float().unsqueeze(1)
+        mask = mask.repeat(1, 1, self.config.num_heads // self.config.num_kv_heads, 1)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos, rows)
         return self.norm(x)

@@ -162,7 +162,8 @@ class QuantizedLinear(nn.Module):
             weight = QuantizedWeight(self.format, self.qweight, self.scales, getattr(self, "zeros", None))
             return F.linear(x, dequantize(weight, x.dtype))
         rows = x.reshape(-1, self.in_features)
-        if not rows.is_contiguous() or rows.data_ptr() % _INT8_ALIGNMENT:
+        # A compiled graph cannot look at data pointers: there every input is copied.
+        if torch.compiler.is_compiling() or not rows.is_contiguous() or rows.data_ptr() % _INT8_ALIGNMENT:
             rows = rows.clone(memory_format=torch.contiguous_format)
         if self.format == "int8":
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)

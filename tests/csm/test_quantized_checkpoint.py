@@ -1,0 +1,147 @@
+"""Quantized checkpoint folders: written by `csm quantize`, read by the usual loaders, bad ones rejected."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants as hub_constants
+from safetensors.torch import load_file, save_file
+
+from csm.checkpoints import load_csm
+from csm.errors import CheckpointError
+from csm.model import CSM
+from csm.quantized_checkpoint import save_quantized
+from tests.csm.test_inference import frames
+from tests.csm.test_model import text_prompt
+from tests.factories.csm import tiny_config, write_csm_checkpoint
+from tests.factories.hub import populate_hub_cache
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    folder = write_csm_checkpoint(tmp_path_factory.mktemp("original"), tiny_config(), seed=6)
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, original, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    save_quantized(load_csm(original, dtype=torch.bfloat16), folder, request.param, source=original)
+    return request.param, folder
+
+
+def test_a_folder_loads_as_quantizing_at_load_does(original, quantized):
+    format, folder = quantized
+    assert json.loads((folder / "config.json").read_text())["quantization"]["format"] == format
+    assert (folder / "tokenizer.json").is_file()
+    stored = load_file(folder / "model.safetensors")
+    assert stored["backbone.layers.0.attn.q_proj.qweight"].dtype == (torch.int8 if format == "int8" else torch.uint8)
+    assert stored["audio_head"].dtype == torch.bfloat16 and "audio_head" in stored
+    prompt = [text_prompt(5, seed=1)]
+    loaded = frames(CSM.from_pretrained(folder), prompt)
+    assert torch.equal(loaded, frames(CSM.from_pretrained(original, quantize=format), prompt))
+    assert torch.equal(frames(CSM.from_pretrained(folder, quantize=format), prompt), loaded)
+
+
+def test_the_embedding_tables_stay_in_the_file(quantized):
+    """Mapped, not read: only the rows a step gathers become resident."""
+    _, folder = quantized
+    model = CSM.from_pretrained(folder)
+    path = str((folder / "model.safetensors").resolve())
+    regions = [
+        [int(bound, 16) for bound in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(path)
+    ]
+    stored = load_file(folder / "model.safetensors")
+    for name in ("text_embeddings", "audio_embeddings"):
+        table = getattr(model, name).weight
+        assert any(start <= table.data_ptr() < end for start, end in regions), name
+        assert torch.equal(table, stored[f"{name}.weight"])
+
+
+def test_a_folder_is_a_quarter_or_an_eighth_of_the_fp32_one(original, quantized):
+    format, folder = quantized
+    linears = sum(
+        tensor.numel() for name, tensor in load_file(original / "model.safetensors").items() if "layers" in name
+    )
+    stored = load_file(folder / "model.safetensors")
+    quantized_bytes = sum(tensor.numel() * tensor.element_size() for name, tensor in stored.items() if "layers" in name)
+    # Codes plus bf16 scales (and zeros): ~1 byte a weight for int8, ~0.56 for int4 in groups of 64.
+    assert quantized_bytes < linears * (1.05 if format == "int8" else 0.6)
+
+
+def test_offline_from_the_hub_cache(monkeypatch, tmp_path, quantized):
+    format, folder = quantized
+    populate_hub_cache(
+        tmp_path, "someone/csm-1b-q", {name: folder / name for name in ("model.safetensors", "config.json")}
+    )
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = CSM.from_pretrained("someone/csm-1b-q")
+    assert model.decoder.layers[0].mlp.w2.format == format
+
+
+def test_a_folder_is_loaded_only_as_what_it_is(quantized):
+    format, folder = quantized
+    other = "int4" if format == "int8" else "int8"
+    with pytest.raises(ValueError, match=f"is quantized to {format}"):
+        CSM.from_pretrained(folder, quantize=other)
+    with pytest.raises(ValueError, match=f"is quantized to {format}"):
+        CSM.from_pretrained(folder, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="has no plain weights"):
+        load_csm(folder)
+
+
+def broken_copy(folder, tmp_path, change_tensors=None, change_config=None):
+    shutil.copytree(folder, tmp_path / "broken")
+    broken = tmp_path / "broken"
+    if change_tensors:
+        tensors = load_file(broken / "model.safetensors")
+        change_tensors(tensors)
+        save_file(tensors, broken / "model.safetensors")
+    if change_config:
+        config = json.loads((broken / "config.json").read_text())
+        change_config(config)
+        (broken / "config.json").write_text(json.dumps(config))
+    return broken
+
+
+def test_bad_files_are_named(tmp_path, quantized):
+    format, folder = quantized
+    name = "decoder.layers.1.mlp.w2"
+
+    def drop_scales(tensors):
+        del tensors[f"{name}.scales"]
+
+    with pytest.raises(CheckpointError, match=f"missing keys: {name}.scales"):
+        CSM.from_pretrained(broken_copy(folder, tmp_path / "a", change_tensors=drop_scales))
+
+    def wrong_dtype(tensors):
+        tensors[f"{name}.qweight"] = tensors[f"{name}.qweight"].to(torch.int16)
+
+    with pytest.raises(CheckpointError, match=f"{name}.qweight is torch.int16"):
+        CSM.from_pretrained(broken_copy(folder, tmp_path / "b", change_tensors=wrong_dtype))
+
+    def other_format(config):
+        config["quantization"]["format"] = "int8" if format == "int4" else "int4"
+        config["quantization"]["group_size"] = 64
+
+    with pytest.raises(CheckpointError, match="does not fit its int"):
+        CSM.from_pretrained(broken_copy(folder, tmp_path / "c", change_config=other_format))
+
+    def unknown_format(config):
+        config["quantization"] = {"format": "nf4"}
+
+    with pytest.raises(CheckpointError, match="unknown quantization"):
+        CSM.from_pretrained(broken_copy(folder, tmp_path / "d", change_config=unknown_format))
+
+    data = (folder / "model.safetensors").read_bytes()
+    truncated = broken_copy(folder, tmp_path / "e")
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        CSM.from_pretrained(truncated)
