@@ -39,8 +39,13 @@ def load_csm(
     revision: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    adapter: hub.Source | None = None,
 ) -> CSM:
-    """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`."""
+    """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`.
+
+    `adapter` (a PEFT LoRA adapter: hub repo, folder or file) is merged into the weights, in
+    float32, as they are read: the model that comes out is a plain CSM.
+    """
     weights_path = hub.resolve_file(source, WEIGHT_FILES, revision=revision)
     stored = {
         name: tensor
@@ -51,6 +56,8 @@ def load_csm(
     layout = detect_layout(stored)
     if layout == "transformers":
         stored = from_transformers_layout(stored, config)
+    if adapter is not None:
+        stored = _with_adapter(stored, config, adapter)
     return build_model(config, stored, device=torch.device(device or "cpu"), dtype=dtype or torch.float32)
 
 
@@ -65,6 +72,12 @@ def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: t
         for name, target in model.state_dict().items():
             target.copy_(stored[name].read())
     return model.eval().requires_grad_(False)
+
+
+def _with_adapter(stored: dict[str, StoredTensor], config: CSMConfig, adapter: hub.Source) -> dict[str, StoredTensor]:
+    from csm.finetune.adapters import load_adapter, merged
+
+    return merged(stored, load_adapter(adapter, config), str(adapter))
 
 
 # --- configuration ---------------------------------------------------------------------------

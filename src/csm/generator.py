@@ -216,6 +216,7 @@ def load_csm_1b(
     watermark: bool | Sequence[int] = True,
     watermarker: str = "sony/silentcipher",
     revision: str | None = None,
+    adapter: str | None = None,
 ) -> Generator:
     """A ready `Generator` for CSM-1B.
 
@@ -224,12 +225,13 @@ def load_csm_1b(
     published with the model. `device` defaults to cuda, else mps, else cpu; `dtype` (of
     the CSM network) to `csm.devices.default_dtype(device)`. `watermark` is True for the
     reference's public key, False for none, or your own 5-byte key; `revision` pins the
-    model repo.
+    model repo. `adapter` is a fine-tuned LoRA adapter (PEFT format: hub repo id, folder or
+    file), merged into the CSM weights as they load.
     """
     key = _watermark_key(watermark)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    network = CSM.from_pretrained(model, revision=revision, device=device, dtype=dtype)
+    network = CSM.from_pretrained(model, revision=revision, device=device, dtype=dtype, adapter=adapter)
     codec = Mimi.from_pretrained(mimi, device=device, dtype=torch.float32, num_codebooks=32)
     text_tokenizer = load_tokenizer(tokenizer, model_source=model, revision=revision)
     marker = Watermarker.from_pretrained(watermarker, device=device) if key else None

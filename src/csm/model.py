@@ -120,12 +120,16 @@ class CSM(nn.Module):
         revision: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> CSM:
-        """Load a published checkpoint (hub repo id, local folder or file); see `csm.checkpoints`."""
+        """Load a published checkpoint (hub repo id, local folder or file); see `csm.checkpoints`.
+
+        `adapter` is a PEFT LoRA adapter (hub repo id, folder or file), merged into the weights.
+        """
         # Imported here because loading depends on the network, not the other way round.
         from csm.checkpoints import load_csm
 
-        return load_csm(source, revision=revision, device=device, dtype=dtype)
+        return load_csm(source, revision=revision, device=device, dtype=dtype, adapter=adapter)
 
     def setup_caches(self, batch_size: int) -> None:
         """Preallocate the KV caches of both transformers for `batch_size` rows."""
