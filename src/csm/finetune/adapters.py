@@ -94,10 +94,10 @@ def save_adapter(model: torch.nn.Module, folder: Path, *, rank: int, alpha: floa
     for name, module in modules.items():
         theirs = transformers_module_name(name)
         names.append(theirs)
-        heads = _qk_heads(model.config, name)
+        heads = qk_heads(model.config, name)
         tensors[f"{_PREFIX}{theirs}.lora_A.weight"] = module.lora_A.detach().float().cpu().contiguous()
         B = module.lora_B.detach().float().cpu()
-        tensors[f"{_PREFIX}{theirs}.lora_B.weight"] = (B if heads is None else _rotate_half_rows(B, heads)).contiguous()
+        tensors[f"{_PREFIX}{theirs}.lora_B.weight"] = (B if heads is None else rotate_half_rows(B, heads)).contiguous()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -136,7 +136,7 @@ def load_adapter(source: hub.Source, config: CSMConfig, *, revision: str | None 
             unknown.append(theirs)
             continue
         A_tensor, B_tensor = A.read().float(), B.read().float()
-        heads = _qk_heads(config, ours)
+        heads = qk_heads(config, ours)
         if heads is not None:
             B_tensor = _interleaved_rows(B_tensor, heads)
         adapter[ours] = LoRAWeights(A_tensor, B_tensor, _scaling(settings, theirs, A_tensor.shape[0]))
@@ -234,7 +234,7 @@ def _scaling(settings: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
 
 
-def _qk_heads(config: CSMConfig, name: str) -> int | None:
+def qk_heads(config: CSMConfig, name: str) -> int | None:
     match = _OURS.fullmatch(name)
     if match is None:
         return None
@@ -242,7 +242,7 @@ def _qk_heads(config: CSMConfig, name: str) -> int | None:
     return {"attn.q_proj": llama.num_heads, "attn.k_proj": llama.num_kv_heads}.get(match.group(3))
 
 
-def _rotate_half_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+def rotate_half_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
     count, width = rows.shape
     return rows.view(heads, count // heads // 2, 2, width).transpose(1, 2).reshape(count, width)
 
