@@ -24,6 +24,7 @@ class Assets:
     watermarker: Path
     clips: Path  # a folder of clips with their transcripts
     manifest: Path  # two conversations: a context turn, then a trained one
+    codes: Path  # the Mimi code cache shared by the tests, so each clip is encoded once
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +52,15 @@ def assets(tmp_path_factory) -> Assets:
         {"segments": [{"audio": "../clips/clip1.wav", "text": TEXTS[1], "speaker": 0}]},
     ]
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return Assets(model, mimi, watermarker, clips, manifest)
+    return Assets(model, mimi, watermarker, clips, manifest, root / "codes")
 
 
-def sources(assets: Assets, tmp_path: Path) -> dict:
+def sources(assets: Assets) -> dict:
     """The keywords of `csm.finetune` that point at the test assets, on the CPU."""
     return {
         "model": str(assets.model),
         "mimi": str(assets.mimi),
         "watermarker": str(assets.watermarker),
         "device": "cpu",
-        "cache_dir": tmp_path / "codes",
+        "cache_dir": assets.codes,
     }

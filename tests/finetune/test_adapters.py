@@ -1,5 +1,6 @@
 """PEFT adapters: ours load in PEFT + transformers and theirs in csm, with equal logits; merging."""
 
+import copy
 import json
 
 import pytest
@@ -28,6 +29,12 @@ def config():
 @pytest.fixture(scope="module")
 def checkpoint(config, tmp_path_factory):
     return write_csm_checkpoint(tmp_path_factory.mktemp("base"), config, seed=0)
+
+
+@pytest.fixture(scope="module")
+def their_base(config):
+    """transformers' CSM with the weights of `checkpoint`; tests take copies (PEFT edits it in place)."""
+    return transformers_model(config, random_state_dict(config, 0))
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +68,14 @@ def their_outputs(model, batch):
 
 
 @torch.no_grad()
-def test_our_adapter_loads_in_peft_with_equal_logits(config, checkpoint, batch, tmp_path):
+def test_our_adapter_loads_in_peft_with_equal_logits(checkpoint, their_base, batch, tmp_path):
     from peft import PeftModel
 
     ours = load_csm(checkpoint)
     add_lora(ours, DEFAULT_TARGETS, rank=4, alpha=8)
     randomized(ours, seed=1)
     save_adapter(ours, tmp_path, rank=4, alpha=8, base_model=str(checkpoint))
-    theirs = PeftModel.from_pretrained(transformers_model(config, random_state_dict(config, 0)), tmp_path).eval()
+    theirs = PeftModel.from_pretrained(copy.deepcopy(their_base), tmp_path).eval()
     logits, loss = our_outputs(ours, batch)
     their_logits, their_loss = their_outputs(theirs, batch)
     torch.testing.assert_close(logits, their_logits, **TOLERANCE)
@@ -76,14 +83,14 @@ def test_our_adapter_loads_in_peft_with_equal_logits(config, checkpoint, batch, 
 
 
 @torch.no_grad()
-def test_a_peft_adapter_made_on_transformers_loads_merged_and_unmerged(config, checkpoint, batch, tmp_path):
+def test_a_peft_adapter_made_on_transformers_loads_merged_and_unmerged(config, checkpoint, their_base, batch, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)
     theirs = get_peft_model(
-        transformers_model(config, random_state_dict(config, 0)),
-        LoraConfig(r=4, lora_alpha=16, target_modules=THEIR_TARGETS, init_lora_weights=False),
+        copy.deepcopy(their_base),
+        LoraConfig(r=4, lora_alpha=16, target_modules=THEIR_TARGETS),
     ).eval()
+    randomized(theirs, seed=4)
     with torch.no_grad():  # as after training: the codec is never trained, its B stays zero
         for name, parameter in theirs.named_parameters():
             if "codec_model" in name and "lora_B" in name:

@@ -21,8 +21,8 @@ from tests.product.conftest import speech_like
 
 
 @pytest.fixture(scope="module")
-def cache(assets, tmp_path_factory):
-    return CodeCache(Mimi.from_pretrained(assets.mimi), tmp_path_factory.mktemp("codes"))
+def cache(assets):
+    return CodeCache(Mimi.from_pretrained(assets.mimi), assets.codes)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import csm
 from csm.cli import main
+from csm.errors import CheckpointError
 from csm.finetune import train
 from csm.finetune.codes import CodeCache
 from csm.generator import Generator
@@ -25,7 +26,7 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
     output = csm.finetune(
         assets.manifest,
         tmp_path / "out",
-        **sources(assets, tmp_path),
+        **sources(assets),
         steps=30,
         lr=6e-3,
         warmup=0,
@@ -39,7 +40,7 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
 
     model = CSM.from_pretrained(assets.model, adapter=output)
     tokenizer = load_tokenizer(model_source=assets.model)
-    codes = CodeCache(Mimi.from_pretrained(assets.mimi), tmp_path / "codes").codes(assets.clips / "clip1.wav")
+    codes = CodeCache(Mimi.from_pretrained(assets.mimi), assets.codes).codes(assets.clips / "clip1.wav")
     # The second conversation: clip1 said by speaker 0, no context.
     tokens, mask = text_frames(tokenizer, TEXTS[1], 0)
     model.setup_caches(1)
@@ -66,7 +67,7 @@ def interrupt_at(monkeypatch, step):
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, monkeypatch):
     options = {
-        **sources(assets, tmp_path),
+        **sources(assets),
         "steps": 5,
         "batch_frames": 30,
         "decoder_frame_ratio": 0.3,
@@ -88,90 +89,45 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, mo
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert [record["loss"] for record in read_log(resumed)] == [record["loss"] for record in read_log(straight)]
 
+    with pytest.raises(CheckpointError, match="other settings of batch_frames, seed"):
+        csm.finetune(assets.manifest, tmp_path / "other", **{**options, "batch_frames": 40, "seed": 1},
+                     resume=resumed / "checkpoint")  # fmt: skip
+
+
+def cli_sources(assets) -> list[str]:
+    return [
+        *("--model", str(assets.model), "--mimi", str(assets.mimi), "--watermarker", str(assets.watermarker)),
+        *("--device", "cpu"),
+    ]
+
 
 def test_cli_trains_evaluates_with_samples_and_speaks_with_the_adapter(assets, tmp_path, capsys):
     output = tmp_path / "out"
-    source_args = [
-        "--model",
-        str(assets.model),
-        "--mimi",
-        str(assets.mimi),
-        "--watermarker",
-        str(assets.watermarker),
-        "--device",
-        "cpu",
-    ]
-    status = main(
-        [
-            "finetune",
-            str(assets.clips),
-            "-o",
-            str(output),
-            *source_args,
-            "--cache-dir",
-            str(tmp_path / "codes"),
-            "--steps",
-            "2",
-            "--eval-split",
-            "0.5",
-            "--samples",
-            "1",
-            "--sample-seconds",
-            "0.24",
-            "--lora-rank",
-            "2",
-        ]
-    )
+    options = ["--steps", "2", "--eval-split", "0.5", "--samples", "1", "--sample-seconds", "0.24", "--lora-rank", "2"]
+    status = main(["finetune", str(assets.clips), "-o", str(output), *cli_sources(assets), *options,
+                   "--cache-dir", str(assets.codes)])  # fmt: skip
     assert status == 0, capsys.readouterr().err
     final = read_log(output)[-1]
     assert {"eval_loss", "eval_backbone_loss", "eval_decoder_loss", "end_of_speech_fraction"} <= final.keys()
     assert 0 <= final["end_of_speech_fraction"] <= 1
+    assert [path.name for path in (output / "samples").glob("*.wav")] == ["step000002_0.wav"]
     assert json.loads((output / "adapter_config.json").read_text())["r"] == 2
-    status = main(
-        [
-            "say",
-            "Hello.",
-            "-o",
-            str(tmp_path / "hello.wav"),
-            "--adapter",
-            str(output),
-            "--max-seconds",
-            "0.16",
-            "--seed",
-            "0",
-            *source_args,
-            "--dtype",
-            "float32",
-        ]
-    )
+    speech = tmp_path / "hello.wav"
+    status = main(["say", "Hello.", "-o", str(speech), "--adapter", str(output), "--max-seconds", "0.16",
+                   "--seed", "0", "--dtype", "float32", *cli_sources(assets)])  # fmt: skip
     assert status == 0, capsys.readouterr().err
-    assert (tmp_path / "hello.wav").is_file()
+    assert speech.is_file()
 
 
 def test_cli_data_errors_are_one_line(assets, tmp_path, capsys):
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text('{"segments": [{"audio": "missing.wav", "text": "Hi", "speaker": 0}]}\n')
-    status = main(
-        [
-            "finetune",
-            str(manifest),
-            "-o",
-            str(tmp_path / "out"),
-            "--model",
-            str(assets.model),
-            "--mimi",
-            str(assets.mimi),
-            "--device",
-            "cpu",
-            "--cache-dir",
-            str(tmp_path / "codes"),
-        ]
-    )
+    status = main(["finetune", str(manifest), "-o", str(tmp_path / "out"), *cli_sources(assets),
+                   "--cache-dir", str(assets.codes)])  # fmt: skip
     assert status == 2
+    missing = tmp_path / "missing.wav"
     error = capsys.readouterr().err.strip().splitlines()
-    assert (
-        error[-1] == f"csm: error: {manifest} line 1: segment 0: audio file {tmp_path / 'missing.wav'} does not exist"
-    )
+    assert error[-1] == f"csm: error: {manifest} line 1: segment 0: audio file {missing} does not exist"
 
 
 def test_generator_samples_leave_the_model_cache_free(assets, tmp_path):

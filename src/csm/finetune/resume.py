@@ -17,6 +17,23 @@ from csm.errors import CheckpointError
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
+# Options that shape the data order, the trained weights or the loss: a resumed run must keep them.
+MUST_MATCH = (
+    "data",
+    "model",
+    "full",
+    "lora_rank",
+    "lora_alpha",
+    "targets",
+    "epochs",
+    "steps",
+    "batch_frames",
+    "grad_accum",
+    "warmup",
+    "decoder_frame_ratio",
+    "seed",
+    "eval_split",
+)
 
 
 @dataclass
@@ -56,10 +73,19 @@ def save_checkpoint(
     temporary.rename(folder)
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[torch.Tensor, Position]:
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer, scheduler, options: dict
+) -> tuple[torch.Tensor, Position]:
     """Restore a checkpoint into a model set up like the saved one; returns (selection RNG state, position)."""
     if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
         raise CheckpointError(f"{folder} is not a csm fine-tuning checkpoint (no {WEIGHTS} and {STATE})")
+    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    changed = [name for name in MUST_MATCH if state["options"].get(name) != options.get(name)]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {folder} was made with other settings of {', '.join(changed)}: "
+            f"resume with the options of the run that saved it"
+        )
     trainable = load_file(str(folder / WEIGHTS))
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(trainable) != set(parameters):
@@ -70,7 +96,6 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler) 
     with torch.no_grad():
         for name, tensor in trainable.items():
             parameters[name].copy_(tensor)
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["selection_rng"], Position(*state["position"])

@@ -124,22 +124,21 @@ class _Trainer:
             else contextlib.nullcontext
         )
         if options.resume is not None:
-            state, self.position = load_checkpoint(options.resume.expanduser(), model, self.optimizer, self.scheduler)
+            state, self.position = load_checkpoint(
+                options.resume.expanduser(), model, self.optimizer, self.scheduler, options.describe()
+            )
             self.selection.set_state(state)
 
     def train(self) -> None:
         log = (self.output / LOG).open("a")
         bar = tqdm(total=self.total_steps, initial=self.position.step, desc="training", unit="step", file=sys.stderr)
+        before, completed = self.selection.get_state(), True
         try:
             with log, bar:
                 while self.position.step < self.total_steps:
-                    before = self.selection.get_state()
-                    try:
-                        record = self._step()
-                    except KeyboardInterrupt:
-                        self.selection.set_state(before)
-                        self._save(interrupted=True)
-                        raise
+                    before, completed = self.selection.get_state(), False
+                    record = self._step()
+                    completed = True
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                     step = self.position.step
@@ -151,6 +150,11 @@ class _Trainer:
                         self._save()
                 if self.evaluation is not None:
                     log.write(json.dumps({"step": self.position.step, **self._evaluate()}) + "\n")
+        except KeyboardInterrupt:
+            if not completed:  # the interrupted step starts again, with the same frame choice
+                self.selection.set_state(before)
+            self._save(interrupted=True)
+            raise
         finally:
             self.model.eval()
 
