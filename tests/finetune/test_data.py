@@ -15,7 +15,7 @@ from csm.finetune.dataset import prepare
 from csm.finetune.loss import loss_terms
 from csm.finetune.sequences import Example
 from csm.mimi import Mimi
-from csm.text import load_tokenizer
+from csm.text import load_tokenizer, text_frames
 from tests.factories.csm import random_model, tiny_config
 from tests.product.conftest import speech_like
 
@@ -109,13 +109,17 @@ def test_codes_are_cached_by_content(assets, cache, tmp_path):
 
 
 def test_context_segments_are_not_in_the_loss(assets, cache, tokenizer):
-    prepared = prepare(assets.manifest, cache, tokenizer, 2048)
-    first = prepared.examples[0]  # a context turn (train: false), then a trained one
-    frames = first.trained.nonzero().squeeze(1)
-    context_length = len(tokenizer.encode("[1]" + "x").ids)  # at least the context's text
-    assert frames.min() > context_length + cache.codes(assets.clips / "clip1.wav").shape[1]
-    assert int(first.end_of_audio.sum()) == 1 and first.end_of_audio[-1]
-    assert first.num_frames == cache.codes(assets.clips / "clip0.wav").shape[1] + 1
+    from tests.finetune.conftest import TEXTS
+
+    first = prepare(assets.manifest, cache, tokenizer, 2048).examples[0]  # context (train: false), then trained
+    context = len(text_frames(tokenizer, TEXTS[1], 1)[0]) + cache.codes(assets.clips / "clip1.wav").shape[1] + 1
+    trained_text = len(text_frames(tokenizer, TEXTS[0], 0)[0])
+    expected = torch.zeros(len(first), dtype=torch.bool)
+    expected[context + trained_text :] = True  # the trained segment's frames and its end-of-audio frame
+    assert torch.equal(first.trained, expected)
+    assert first.end_of_audio.nonzero().squeeze(1).tolist() == [len(first) - 1]
+    batch = collate([first], ratio=1.0, generator=None)
+    assert batch.frames[1].min() == context + trained_text == batch.decoder_frames[1].min()
 
 
 def example(num_frames: int, ends: int = 1) -> Example:
