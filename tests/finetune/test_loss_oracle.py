@@ -84,3 +84,22 @@ def test_loss_and_gradients_equal_transformers():
             gradient = _permuted(gradient, heads)
         assert gradient.abs().max() > 0, name
         torch.testing.assert_close(gradient, expected_gradient, **TOLERANCE)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch():
+    config = tiny_config()
+    generator = torch.Generator().manual_seed(2)
+    examples = [conversation(config, generator, num_frames) for num_frames in (6, 2)]
+
+    def gradient(batches):
+        model = random_model(config, seed=0).requires_grad_(True)
+        terms = [loss_terms(model, batch) for batch in batches]
+        backbone_tokens = sum(term.backbone_tokens for term in terms)
+        decoder_tokens = sum(term.decoder_tokens for term in terms)
+        for term in terms:
+            term.loss(backbone_tokens, decoder_tokens, c0_weight=0.5, decoder_weight=2.0).backward()
+        return model.backbone.layers[0].mlp.w1.weight.grad
+
+    whole = gradient([collate(examples, ratio=1.0, generator=None)])
+    accumulated = gradient([collate([example], ratio=1.0, generator=None) for example in examples])
+    torch.testing.assert_close(accumulated, whole, **TOLERANCE)

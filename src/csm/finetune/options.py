@@ -52,6 +52,12 @@ class FinetuneOptions:
     resume: Path | None = None
 
     def __post_init__(self) -> None:
+        # The Python API takes paths as strings too.
+        for name in ("data", "output", "cache_dir", "eval", "resume"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())
+        object.__setattr__(self, "targets", tuple(self.targets))
         for name in ("lora_rank", "epochs", "batch_frames", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -53,13 +53,13 @@ def finetune(data: str | Path, output: str | Path, **options) -> Path:
     runs leave a PEFT adapter in `output` (load it with `load_csm_1b(adapter=output)`), full
     runs an original-layout checkpoint (`load_csm_1b(model=output)`). Returns `output`.
     """
-    run(FinetuneOptions(data=Path(data), output=Path(output), **options))
-    return Path(output)
+    run(FinetuneOptions(data=data, output=output, **options))
+    return Path(output).expanduser()
 
 
 def run(options: FinetuneOptions) -> None:
     device = parse_device(options.device) if options.device else default_device()
-    output = options.output.expanduser()
+    output = options.output
     output.mkdir(parents=True, exist_ok=True)
     mimi = Mimi.from_pretrained(options.mimi, device=device)
     tokenizer = load_tokenizer(options.tokenizer, model_source=options.model)
@@ -125,7 +125,7 @@ class _Trainer:
         )
         if options.resume is not None:
             state, self.position = load_checkpoint(
-                options.resume.expanduser(), model, self.optimizer, self.scheduler, options.describe()
+                options.resume, model, self.optimizer, self.scheduler, options.describe()
             )
             self.selection.set_state(state)
 
