@@ -11,7 +11,7 @@ from csm.checkpoints import load_csm
 from csm.errors import CheckpointError
 from csm.finetune.adapters import apply_adapter, load_adapter, save_adapter
 from csm.finetune.batches import collate
-from csm.finetune.lora import DEFAULT_TARGETS, add_lora
+from csm.finetune.lora import DEFAULT_TARGETS, HEAD_TARGETS, add_lora
 from csm.finetune.loss import loss_terms
 from csm.finetune.merge import merge
 from tests.factories.csm import random_state_dict, tiny_config, transformers_model, write_csm_checkpoint
@@ -72,7 +72,7 @@ def test_our_adapter_loads_in_peft_with_equal_logits(checkpoint, their_base, bat
     from peft import PeftModel
 
     ours = load_csm(checkpoint)
-    add_lora(ours, DEFAULT_TARGETS, rank=4, alpha=8)
+    add_lora(ours, DEFAULT_TARGETS + HEAD_TARGETS, rank=4, alpha=8)
     randomized(ours, seed=1)
     save_adapter(ours, tmp_path, rank=4, alpha=8, base_model=str(checkpoint))
     theirs = PeftModel.from_pretrained(copy.deepcopy(their_base), tmp_path).eval()
