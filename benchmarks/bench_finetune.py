@@ -75,24 +75,20 @@ def run_ours(folder: Path, seconds: float) -> float:
 
 def run_transformers(folder: Path, seconds: float) -> float:
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
-    from transformers import CsmForConditionalGeneration
+    from transformers import CsmConfig, CsmForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
+    from csm.checkpoints import load_csm
     from csm.finetune.batches import collate
     from csm.finetune.merge import transformers_config, transformers_tensors
-    from csm.model import CSM
 
-    config = CSMConfig()
-    with torch.device("meta"):
-        ours = CSM(config)
-    ours.load_state_dict(load_file(folder / "model.safetensors"), assign=True)
-    from transformers import CsmConfig
-
-    fields = transformers_config(config, {})
-    fields.pop("codec_config")
-    model = CsmForConditionalGeneration(CsmConfig(**fields))
-    model.load_state_dict(transformers_tensors(ours), strict=False)
-    del ours
+    fields = transformers_config(CSMConfig(), {})
+    fields.pop("codec_config")  # transformers' default Mimi; the codec is not run here
+    with no_init_weights():  # allocated, never written: our weights replace them
+        model = CsmForConditionalGeneration(CsmConfig(**fields))
+    # The weights are shared with our loaded model, not copied: one copy in memory.
+    missing, _ = model.load_state_dict(transformers_tensors(load_csm(folder)), strict=False, assign=True)
+    assert all(name.startswith("codec_model.") for name in missing), missing
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # Only the CSM layers, as ours: not the codec's.
     pattern = r"(backbone_model|depth_decoder\.model)\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + ")"

@@ -77,10 +77,11 @@ def transformers_tensors(model: CSM) -> dict[str, torch.Tensor]:
         tensors[f"{transformers_module_name(module)}.{kind}"] = (
             tensor if heads is None else rotate_half_rows(tensor, heads).contiguous()
         )
+    # transformers keeps the tied copy too; safetensors wants it in its own storage.
     tensors["depth_decoder.model.embed_tokens.weight"] = tensors[
         "backbone_model.embed_tokens.embed_audio_tokens.weight"
-    ]
-    return {name: tensor.clone() for name, tensor in tensors.items()}
+    ].clone()
+    return tensors
 
 
 def transformers_config(config: CSMConfig, codec_config: dict) -> dict:
