@@ -42,13 +42,16 @@ def load_csm(
     revision: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    adapter: hub.Source | None = None,
 ) -> CSM:
     """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`.
 
     The model has the published layout (what fine-tuning trains and what checkpoints hold);
-    `CSM.from_pretrained` also prepares it for fast generation.
+    `CSM.from_pretrained` also prepares it for fast generation. `adapter` (a PEFT LoRA adapter:
+    hub repo, folder or file) is merged into the weights, in float32, as they are read: the
+    model that comes out is a plain CSM.
     """
-    checkpoint = open_checkpoint(source, revision=revision)
+    checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
     if checkpoint.quantization is not None:
         raise CheckpointError(
             f"{checkpoint.path} is quantized ({checkpoint.quantization}) and has no plain weights: "
@@ -74,8 +77,13 @@ class Checkpoint:
     quantization: str | None
 
 
-def open_checkpoint(source: hub.Source = "sesame/csm-1b", *, revision: str | None = None) -> Checkpoint:
-    """Find a checkpoint, read its config and the names and shapes of its tensors."""
+def open_checkpoint(
+    source: hub.Source = "sesame/csm-1b", *, revision: str | None = None, adapter: hub.Source | None = None
+) -> Checkpoint:
+    """Find a checkpoint, read its config and the names and shapes of its tensors.
+
+    With `adapter`, the stored tensors read as the weights with the adapter merged in.
+    """
     weights_path = hub.resolve_file(source, WEIGHT_FILES, revision=revision)
     stored = {
         name: tensor
@@ -89,6 +97,13 @@ def open_checkpoint(source: hub.Source = "sesame/csm-1b", *, revision: str | Non
         config, quantization = CSMConfig.from_dict(fields), _quantization(fields, weights_path)
     if quantization is None and detect_layout(stored) == "transformers":
         stored = from_transformers_layout(stored, config)
+    if adapter is not None:
+        if quantization is not None:
+            raise CheckpointError(
+                f"{weights_path} is quantized ({quantization}): an adapter cannot be merged into quantized "
+                "weights; merge it into the plain model with csm merge, then quantize the result"
+            )
+        stored = _with_adapter(stored, config, adapter)
     return Checkpoint(weights_path, config, stored, quantization)
 
 
@@ -103,6 +118,12 @@ def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: t
         for name, target in model.state_dict().items():
             target.copy_(stored[name].read())
     return model.eval().requires_grad_(False)
+
+
+def _with_adapter(stored: dict[str, StoredTensor], config: CSMConfig, adapter: hub.Source) -> dict[str, StoredTensor]:
+    from csm.finetune.adapters import load_adapter, merged
+
+    return merged(stored, load_adapter(adapter, config), str(adapter))
 
 
 # --- configuration ---------------------------------------------------------------------------

@@ -328,6 +328,7 @@ def load_csm_1b(
     revision: str | None = None,
     quantize: str | None = None,
     compile: bool = False,
+    adapter: str | None = None,
 ) -> Generator:
     """A ready `Generator` for CSM-1B.
 
@@ -338,12 +339,14 @@ def load_csm_1b(
     reference's public key, False for none, or your own 5-byte key; `revision` pins the
     model repo. `quantize` ("int8" or "int4", bfloat16 activations) and `compile` are
     `CSM.from_pretrained`'s; a folder written by `csm quantize` loads quantized as it is.
+    `adapter` is a fine-tuned LoRA adapter (PEFT format: hub repo id, folder or file), merged
+    into the CSM weights as they load.
     """
     key = _watermark_key(watermark)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if quantize else default_dtype(device))
     network = CSM.from_pretrained(
-        model, revision=revision, device=device, dtype=dtype, quantize=quantize, compile=compile
+        model, revision=revision, device=device, dtype=dtype, quantize=quantize, compile=compile, adapter=adapter
     )
     codec = Mimi.from_pretrained(mimi, device=device, dtype=torch.float32, num_codebooks=32)
     text_tokenizer = load_tokenizer(tokenizer, model_source=model, revision=revision)

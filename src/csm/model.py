@@ -121,6 +121,7 @@ class CSM(nn.Module):
         dtype: torch.dtype | None = None,
         quantize: str | None = None,
         compile: bool = False,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> CSM:
         """Load a checkpoint (hub repo id, local folder or file) ready for generation.
 
@@ -128,7 +129,8 @@ class CSM(nn.Module):
         `dtype` defaults to float32, or bfloat16 with `quantize`. The model is prepared for
         speed (`csm.inference.prepare`): fused products, tokens unchanged; `quantize="int8"` or
         `"int4"` quantizes its linears (bfloat16 activations). `compile=True` compiles the frame
-        step (`csm.compiled`). For the plain published layout, for training or saving, use
+        step (`csm.compiled`). `adapter` is a PEFT LoRA adapter (hub repo id, folder or file),
+        merged into the plain weights before they are prepared. For the plain published layout, for training or saving, use
         `csm.checkpoints.load_csm`.
         """
         # Imported here because loading depends on the network, not the other way round.
@@ -141,7 +143,7 @@ class CSM(nn.Module):
         if (quantize is not None) and dtype not in (None, torch.bfloat16):
             raise ValueError(f"quantize={quantize!r} runs in bfloat16, not {str(dtype).removeprefix('torch.')}")
         device = torch.device(device or "cpu")
-        checkpoint = open_checkpoint(source, revision=revision)
+        checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
         if checkpoint.quantization is not None:
             if quantize not in (None, checkpoint.quantization) or dtype not in (None, torch.bfloat16):
                 raise ValueError(
@@ -151,7 +153,7 @@ class CSM(nn.Module):
             model = build_quantized_model(checkpoint, device=device)
         else:
             dtype = dtype or (torch.bfloat16 if quantize else torch.float32)
-            # The published layout: weights that change the model (adapters) go in here, before the swap.
+            # The published layout, adapter merged: the swap to fast modules comes after.
             model = build_model(checkpoint.config, checkpoint.stored, device=device, dtype=dtype)
             model = prepare(model, quantize)
         return compile_frame_step(model) if compile else model
