@@ -5,29 +5,38 @@ tokens, its Mimi codes one frame per position and an all-zero end-of-audio frame
 text to speak. CSM then emits one 32-code frame per 80 ms until it samples an all-zero
 frame or reaches the length limit, and Mimi turns the codes into audio. Context audio is
 encoded once and remembered by content, so a conversation loop that passes its growing
-history on every call only encodes each new turn.
+history on every call only encodes each new turn, and the KV state of every context prefix
+is kept in a `VoiceCache`, so a voice or conversation already heard is not prefilled again.
+`generate_batch` makes many utterances together, one per row of the KV caches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from csm.audio import check_audio
+from csm.batching import Batch, Prompt, Sampling
 from csm.devices import default_device, default_dtype
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import audio_frames, load_tokenizer, text_frames
+from csm.voice_cache import VoiceCache
 from csm.watermark import CSM_KEY, Watermarker
 from csm.watermark.message import check_key
 from csm.watermark.stream import watermark_stream
 
 FRAME_MS = 80
+# Rows that `generate_batch` runs at once: beyond ~8 a CPU step costs about as much per row
+# as running the rows apart, and each row holds a 2048-position KV cache.
+BATCH_ROWS = 8
+# About 40 ten-second voices of CSM-1B in bfloat16 (32 KiB per position).
+VOICE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -44,7 +53,8 @@ class Generator:
     """Generates speech with a CSM network, a Mimi codec and (optionally) a watermarker.
 
     One generation runs at a time: starting a new one makes an unfinished stream fail
-    rather than return mixed-up audio.
+    rather than return mixed-up audio. `voice_cache_bytes` bounds the cached KV state of
+    context prefixes (0 turns the cache off).
     """
 
     def __init__(
@@ -56,9 +66,13 @@ class Generator:
         *,
         watermark_key: Sequence[int] = CSM_KEY,
         context_cache_size: int = 64,
+        voice_cache_bytes: int = VOICE_CACHE_BYTES,
     ):
         self._model = model
         self._model.setup_caches(1)
+        self.voices = VoiceCache(voice_cache_bytes)
+        self._batch = Batch(model, self.voices)
+        self._owner = None
         self._mimi = mimi
         self._tokenizer = tokenizer
         self._watermarker = watermarker
@@ -67,6 +81,14 @@ class Generator:
         self._run = 0
         self.sample_rate = mimi.sample_rate
         self.device = next(model.parameters()).device
+
+    @property
+    def model(self) -> CSM:
+        return self._model
+
+    @property
+    def mimi(self) -> Mimi:
+        return self._mimi
 
     def generate(
         self,
@@ -85,12 +107,41 @@ class Generator:
         the sampling reproducible.
         """
         frames = self._frames(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
-        codes = list(frames)
-        if not codes:
-            return torch.zeros(0, device=self.device)
-        with torch.inference_mode():
-            audio = self._mimi.decode(self._for_mimi(torch.stack(codes, dim=-1)))[0, 0]
-        return self.watermark(audio.float())
+        return self._clip(list(frames))
+
+    def generate_batch(
+        self,
+        texts: Sequence[str],
+        speakers: Sequence[int],
+        contexts: Sequence[Sequence[Segment]],
+        max_audio_length_ms: float = 90_000,
+        temperature: float = 0.9,
+        topk: int = 50,
+        *,
+        seeds: Sequence[int | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Speech for many utterances made together: one watermarked 1-D float32 clip per entry.
+
+        Entry i is `texts[i]` said by `speakers[i]` after `contexts[i]`, seeded with
+        `seeds[i]`; its audio is what `generate` returns for it alone (exactly, in float32).
+        Up to `BATCH_ROWS` entries share each frame's pass over the weights; each stops at its
+        own end of speech or length, and the next entry takes its row. A bad entry raises a
+        ValueError naming its index before any work starts.
+        """
+        self._check_free()
+        count = _check_batch(texts, speakers, contexts, seeds)
+        seeds = [None] * count if seeds is None else list(seeds)
+        for index in range(count):
+            try:
+                self.check_request(
+                    texts[index], speakers[index], contexts[index], max_audio_length_ms, temperature, topk, seeds[index]
+                )
+            except ValueError as error:
+                raise ValueError(f"entry {index}: {error}") from None
+        prompts = [self.prompt(texts[i], speakers[i], contexts[i]) for i in range(count)]
+        samplings = [self.sampling(max_audio_length_ms, temperature, topk, seed) for seed in seeds]
+        self._run += 1
+        return [self._clip(codes) for codes in self._batch_codes(prompts, samplings)]
 
     def generate_stream(
         self,
@@ -129,18 +180,8 @@ class Generator:
             marked = self._watermarker.encode(audio, self.sample_rate, key=self._watermark_key, message_sdr=36)
         return marked.float()
 
-    def prompt_length(self, text: str, speaker: int, context: Sequence[Segment]) -> int:
-        """How many positions the prompt for these arguments takes (no audio is encoded)."""
-        frames = sum(math.ceil(segment.audio.numel() / self._mimi.frame_size) + 1 for segment in context)
-        texts = [(segment.text, segment.speaker) for segment in context] + [(text, speaker)]
-        return frames + sum(text_frames(self._tokenizer, words, who)[0].shape[0] for words, who in texts)
-
-    def max_prompt_length(self, max_audio_length_ms: float) -> int:
-        """The longest prompt that leaves room for `max_audio_length_ms` of audio."""
-        return self._model.max_seq_len - _max_frames(max_audio_length_ms) - 1
-
-    def _frames(self, text, speaker, context, max_audio_length_ms, temperature, topk, seed) -> Iterator[torch.Tensor]:
-        """Checks the arguments and builds the prompt now; the returned iterator samples frames."""
+    def check_request(self, text, speaker, context, max_audio_length_ms, temperature, topk, seed) -> None:
+        """A ValueError naming the first bad argument of a `generate` call, or a context too long."""
         _check_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
         max_frames = _max_frames(max_audio_length_ms)
         length = self.prompt_length(text, speaker, context)
@@ -153,28 +194,107 @@ class Generator:
                 f"{length - budget} positions (one position = 80 ms of context audio or one "
                 f"text token) or lower max_audio_length_ms"
             )
-        tokens, mask = self._prompt(text, speaker, context)
-        self._run += 1
-        return self._sample(self._run, tokens, mask, max_frames, temperature, topk, seed)
 
-    def _sample(self, run, tokens, mask, max_frames, temperature, topk, seed) -> Iterator[torch.Tensor]:
-        rng = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        positions = torch.arange(tokens.shape[0], device=self.device)
-        self._model.reset_caches()
-        for _ in range(max_frames):
+    def prompt(self, text: str, speaker: int, context: Sequence[Segment]) -> Prompt:
+        """The prompt frames of a (checked) request, each context prefix keyed by its content.
+
+        Context audio is encoded here, once per clip.
+        """
+        parts, prefixes, length = [], [], 0
+        content = hashlib.blake2b(digest_size=16)
+        for segment in context:
+            for tokens, mask in (
+                text_frames(self._tokenizer, segment.text, segment.speaker),
+                audio_frames(self._context_codes(segment.audio)),
+            ):
+                parts.append((tokens, mask))
+                content.update(tokens.cpu().numpy().tobytes())
+                content.update(mask.cpu().numpy().tobytes())
+                length += tokens.shape[0]
+            prefixes.append((length, content.hexdigest()))
+        parts.append(text_frames(self._tokenizer, text, speaker))
+        tokens = torch.cat([part[0].to(self.device) for part in parts])
+        mask = torch.cat([part[1].to(self.device) for part in parts])
+        return Prompt(tokens, mask, tuple(prefixes))
+
+    def sampling(self, max_audio_length_ms: float, temperature: float, topk: int, seed: int | None) -> Sampling:
+        """How a (checked) request samples: without a seed, from torch's global generator."""
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        return Sampling(float(temperature), topk, _max_frames(max_audio_length_ms), generator)
+
+    def prompt_length(self, text: str, speaker: int, context: Sequence[Segment]) -> int:
+        """How many positions the prompt for these arguments takes (no audio is encoded)."""
+        frames = sum(math.ceil(segment.audio.numel() / self._mimi.frame_size) + 1 for segment in context)
+        texts = [(segment.text, segment.speaker) for segment in context] + [(text, speaker)]
+        return frames + sum(text_frames(self._tokenizer, words, who)[0].shape[0] for words, who in texts)
+
+    def max_prompt_length(self, max_audio_length_ms: float) -> int:
+        """The longest prompt that leaves room for `max_audio_length_ms` of audio."""
+        return self._model.max_seq_len - _max_frames(max_audio_length_ms) - 1
+
+    def _frames(self, text, speaker, context, max_audio_length_ms, temperature, topk, seed) -> Iterator[torch.Tensor]:
+        """Checks the arguments and builds the prompt now; the returned iterator samples frames."""
+        self._check_free()
+        self.check_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+        prompt = self.prompt(text, speaker, context)
+        self._run += 1
+        return self._sample(self._run, prompt, self.sampling(max_audio_length_ms, temperature, topk, seed))
+
+    def _sample(self, run: int, prompt: Prompt, sampling: Sampling) -> Iterator[torch.Tensor]:
+        sequence = self._batch.start(prompt, sampling, row=0)
+        while not sequence.done:
             if run != self._run:
                 raise RuntimeError("another generation started on this Generator before this stream finished")
-            with torch.inference_mode():
-                frame = self._model.generate_frame(
-                    tokens[None], mask[None], positions[None], temperature, topk, generator=rng
-                )[0]
-            if not frame.any():
-                return
-            yield frame
-            # The frame becomes the next position: its 32 audio slots set, the text slot empty.
-            tokens = torch.cat([frame, frame.new_zeros(1)])[None]
-            mask = torch.cat([torch.ones_like(frame, dtype=torch.bool), frame.new_zeros(1, dtype=torch.bool)])[None]
-            positions = positions[-1:] + 1
+            decoding = sequence.last is not None
+            frame = self._batch.decode([sequence])[0] if decoding else self._batch.prefill(sequence)
+            if frame is not None:
+                yield frame
+
+    def _batch_codes(self, prompts: list[Prompt], samplings: list[Sampling]) -> list[list[torch.Tensor]]:
+        """The frames of every prompt, up to `BATCH_ROWS` of them at a time in rows 0 .. n-1."""
+        rows = min(len(prompts), BATCH_ROWS)
+        frames: dict[object, list[torch.Tensor]] = {}
+        waiting = deque(zip(prompts, samplings))
+        running = []
+        self._model.setup_caches(rows)
+        try:
+            while waiting or running:
+                while waiting and len(running) < rows:
+                    sequence = self._batch.start(*waiting.popleft(), row=len(running))
+                    frames[sequence] = []
+                    while sequence.last is None and not sequence.done:
+                        _keep(frames[sequence], self._batch.prefill(sequence))
+                    running = self._batch.pack([*running, sequence])
+                if running:
+                    for sequence, frame in zip(running, self._batch.decode(running)):
+                        _keep(frames[sequence], frame)
+                    running = self._batch.pack(running)
+        finally:
+            self._model.setup_caches(1)
+        return list(frames.values())
+
+    def _clip(self, frames: list[torch.Tensor]) -> torch.Tensor:
+        """The audio of a whole utterance's frames, watermarked."""
+        if not frames:
+            return torch.zeros(0, device=self.device)
+        with torch.inference_mode():
+            audio = self._mimi.decode(self._for_mimi(torch.stack(frames, dim=-1)))[0, 0]
+        return self.watermark(audio.float())
+
+    def _claim(self, owner: object) -> None:
+        """Lend the model to `owner` (an engine); this generator refuses to generate until released."""
+        self._check_free()
+        self._owner = owner
+        self._run += 1
+
+    def _release(self, owner: object) -> None:
+        if self._owner is owner:
+            self._owner = None
+            self._model.setup_caches(1)
+
+    def _check_free(self) -> None:
+        if self._owner is not None:
+            raise RuntimeError("this Generator's model is owned by an Engine: submit requests to it, or close it first")
 
     def _decode_stream(self, frames: Iterator[torch.Tensor], chunk_frames: int) -> Iterator[torch.Tensor]:
         decoder = self._mimi.decode_stream(1)
@@ -190,16 +310,6 @@ class Generator:
     def _decode_step(self, decoder, frames: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
             return decoder.step(self._for_mimi(torch.stack(frames, dim=-1)))[0, 0].float()
-
-    def _prompt(self, text: str, speaker: int, context: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = []
-        for segment in context:
-            parts.append(text_frames(self._tokenizer, segment.text, segment.speaker))
-            parts.append(audio_frames(self._context_codes(segment.audio)))
-        parts.append(text_frames(self._tokenizer, text, speaker))
-        tokens = torch.cat([part[0].to(self.device) for part in parts])
-        mask = torch.cat([part[1].to(self.device) for part in parts])
-        return tokens, mask
 
     def _encode(self, audio: torch.Tensor) -> torch.Tensor:
         parameter = next(self._mimi.parameters())
@@ -280,6 +390,27 @@ def _check_utterance(text, speaker, text_name: str, speaker_name: str) -> None:
         raise ValueError(f"{text_name} must be a non-empty string, got {text!r}")
     if not _is_int(speaker) or speaker < 0:
         raise ValueError(f"{speaker_name} must be a non-negative integer, got {speaker!r}")
+
+
+def _check_batch(texts, speakers, contexts, seeds) -> int:
+    """The number of entries of a `generate_batch` call whose lists agree in length."""
+    lists = {"texts": texts, "speakers": speakers, "contexts": contexts}
+    if seeds is not None:
+        lists["seeds"] = seeds
+    for name, value in lists.items():
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError(f"{name} must be a list with one entry per utterance, got {type(value).__name__}")
+    lengths = {name: len(value) for name, value in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"texts, speakers, contexts and seeds must have one entry each per utterance, got {lengths}")
+    if not lengths["texts"]:
+        raise ValueError("texts is empty: give at least one utterance")
+    return lengths["texts"]
+
+
+def _keep(frames: list[torch.Tensor], frame: torch.Tensor | None) -> None:
+    if frame is not None:
+        frames.append(frame)
 
 
 def _is_int(value) -> bool:

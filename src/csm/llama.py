@@ -112,6 +112,19 @@ class KVCache(nn.Module):
         self.k.zero_()
         self.v.zero_()
 
+    def prefix(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of row `row`'s keys and values at slots 0 .. length-1: [H, length, D] each."""
+        return self.k[row, :, :length], self.v[row, :, :length]
+
+    def load_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write keys and values [H, L, D] into slots 0 .. L-1 of row `row`."""
+        self.k[row, :, : keys.shape[1]] = keys
+        self.v[row, :, : values.shape[1]] = values
+
+    def copy_row(self, source: int, target: int, length: int) -> None:
+        """Copy slots 0 .. length-1 of row `source` into row `target`."""
+        self.load_prefix(target, *self.prefix(source, length))
+
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -200,6 +213,20 @@ class Llama(nn.Module):
     def reset_caches(self) -> None:
         for layer in self.layers:
             layer.attn.cache.reset()
+
+    def cache_prefix(self, row: int, length: int) -> torch.Tensor:
+        """A copy of row `row`'s keys and values at slots 0 .. length-1: [layers, 2, H, length, D]."""
+        return torch.stack([torch.stack(layer.attn.cache.prefix(row, length)) for layer in self.layers])
+
+    def load_cache_prefix(self, row: int, prefix: torch.Tensor) -> None:
+        """Write a `cache_prefix` into row `row`, at the slots it was taken from."""
+        for layer, (keys, values) in zip(self.layers, prefix, strict=True):
+            layer.attn.cache.load_prefix(row, keys, values)
+
+    def copy_cache_row(self, source: int, target: int, length: int) -> None:
+        """Copy slots 0 .. length-1 of cache row `source` into row `target`."""
+        for layer in self.layers:
+            layer.attn.cache.copy_row(source, target, length)
 
     @property
     def has_caches(self) -> bool:

@@ -145,6 +145,21 @@ class CSM(nn.Module):
         self.backbone.reset_caches()
         self.decoder.reset_caches()
 
+    # Only the backbone's cache carries a sequence from one frame to the next: the depth
+    # decoder rewrites every slot it reads within each frame. So a row's state is its backbone
+    # cache, and these copy it.
+    def cache_prefix(self, row: int, length: int) -> torch.Tensor:
+        """A copy of cache row `row` at positions 0 .. length-1, for `load_cache_prefix`."""
+        return self.backbone.cache_prefix(row, length)
+
+    def load_cache_prefix(self, row: int, prefix: torch.Tensor) -> None:
+        """Make positions 0 .. L-1 of cache row `row` those of a `cache_prefix` of length L."""
+        self.backbone.load_cache_prefix(row, prefix)
+
+    def copy_cache_row(self, source: int, target: int, length: int) -> None:
+        """Move a sequence from cache row `source` (positions 0 .. length-1) to row `target`."""
+        self.backbone.copy_cache_row(source, target, length)
+
     def embed(self, tokens: torch.Tensor, tokens_mask: torch.Tensor) -> torch.Tensor:
         """Frames tokens [B, S, 33] with mask [B, S, 33] -> embeddings [B, S, dim].
 

@@ -56,9 +56,7 @@ def test_streams_past_the_attention_window(tiny_reference_pair):
 
     wav = 0.1 * torch.randn(1, 1, 126 * 1920, generator=generator)
     encoder = tiny.encode_stream()
-    streamed_codes = torch.cat(
-        [encoder.step(chunk) for chunk in split(wav, [1920] * 6 + [120 * 1920])], dim=-1
-    )
+    streamed_codes = torch.cat([encoder.step(chunk) for chunk in split(wav, [1920] * 6 + [120 * 1920])], dim=-1)
     assert torch.equal(streamed_codes, tiny.encode(wav))
 
 
@@ -71,3 +69,59 @@ def test_stream_rejects_bad_chunks(mimi, codes):
         mimi.decode_stream().step(codes)
     with pytest.raises(ValueError, match="0..2047"):
         mimi.decode_stream().step(torch.full((1, 32, 1), 2048))
+
+
+def stream_frames(stream, codes: torch.Tensor) -> torch.Tensor:
+    return torch.cat([stream.step(codes[..., t : t + 1]) for t in range(codes.shape[-1])], dim=-1)
+
+
+@pytest.mark.parametrize("rows", [[1], slice(0, 3, 2)], ids=["one-row", "slice"])
+def test_reset_rows_starts_new_streams_there_only(mimi, rows):
+    generator = torch.Generator().manual_seed(3)
+    old = torch.randint(0, 2048, (3, 32, 5), generator=generator)
+    new = torch.randint(0, 2048, (3, 32, 2), generator=generator)
+    reset = list(range(3)[rows] if isinstance(rows, slice) else rows)
+    kept = [row for row in range(3) if row not in reset]
+
+    stream = mimi.decode_stream(batch_size=3)
+    before = stream_frames(stream, old[..., :3])
+    stream.reset(rows)
+    after_codes = old[..., 3:].clone()
+    after_codes[reset] = new[reset]
+    after = stream_frames(stream, after_codes)
+
+    uninterrupted = stream_frames(mimi.decode_stream(batch_size=3), old)
+    assert torch.equal(before, uninterrupted[..., : 3 * 1920])
+    assert relative_error(after[kept], uninterrupted[kept, :, 3 * 1920 :]) < 1e-5
+    for row in reset:
+        fresh = stream_frames(mimi.decode_stream(batch_size=1), new[row : row + 1])
+        assert relative_error(after[row : row + 1], fresh) < 1e-5
+
+
+def test_reset_rows_past_the_attention_window(tiny_reference_pair):
+    # Row 0 is 130 steps into a new stream when row 1, never reset, is past the 250-step window.
+    _, tiny = tiny_reference_pair
+    generator = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 2048, (2, 8, 130), generator=generator)
+    new = torch.randint(0, 2048, (1, 8, 65), generator=generator)
+    stream = tiny.decode_stream(batch_size=2)
+    stream.step(codes[..., :65])
+    stream.reset([0])
+    after = stream.step(torch.cat([new, codes[1:, :, 65:]]))
+    assert relative_error(after[:1], tiny.decode(new)) < 1e-5
+    assert relative_error(after[1:], tiny.decode(codes[1:])[..., 65 * 1920 :]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("rows", "error", "message"),
+    [
+        ([3], ValueError, r"0..2, got 3"),
+        ([-1], ValueError, "got -1"),
+        ([0.5], ValueError, "0.5"),
+        (1, TypeError, "int"),
+    ],
+    ids=["too-large", "negative", "float", "bare-int"],
+)
+def test_reset_rejects_bad_rows(mimi, rows, error, message):
+    with pytest.raises(error, match=message):
+        mimi.decode_stream(batch_size=3).reset(rows)

@@ -82,7 +82,8 @@ def test_prompt_positions_follow_the_reference(plain_generator, mimi):
     tokenizer = plain_generator._tokenizer
     first_audio, second_audio = speech_like(0.2, seed=1), speech_like(0.1, seed=2)
     context = [Segment(0, "Hi there.", first_audio), Segment(1, "Yes?", second_audio)]
-    tokens, mask = plain_generator._prompt("Go on.", 0, context)
+    prompt = plain_generator.prompt("Go on.", 0, context)
+    tokens, mask = prompt.tokens, prompt.mask
 
     position = 0
     for segment in context:

@@ -7,6 +7,7 @@ decode: RVQ lookup -> upsample (12.5 -> 25 Hz) -> transformer -> SEANet decoder.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,9 +135,7 @@ class Mimi(nn.Module):
         if not isinstance(wav, torch.Tensor) or wav.dim() != 3:
             raise ValueError(f"audio must be a tensor [batch, 1, samples], got {_describe(wav)}")
         if wav.shape[1] != 1:
-            raise ValueError(
-                f"Mimi encodes mono audio: expected 1 channel, got {wav.shape[1]} (downmix first)"
-            )
+            raise ValueError(f"Mimi encodes mono audio: expected 1 channel, got {wav.shape[1]} (downmix first)")
         if wav.shape[0] == 0 or wav.shape[2] == 0:
             raise ValueError(f"audio is empty: shape {tuple(wav.shape)}")
         if not wav.is_floating_point():
@@ -156,9 +155,7 @@ class Mimi(nn.Module):
             raise ValueError(f"codes must have 1..{self.config.num_codebooks} codebooks, got {codebooks}")
         low, high = int(codes.min()), int(codes.max())
         if low < 0 or high >= self.config.codebook_size:
-            raise ValueError(
-                f"codes must be in 0..{self.config.codebook_size - 1}, got values in {low}..{high}"
-            )
+            raise ValueError(f"codes must be in 0..{self.config.codebook_size - 1}, got values in {low}..{high}")
 
 
 @dataclass
@@ -189,16 +186,14 @@ class EncodeStream:
     def reset(self) -> None:
         mimi = self.mimi
         self._state = _EncoderState(
-            mimi.encoder.new_state(), mimi.encoder_transformer.new_state(), ConvState()
+            mimi.encoder.new_state(), mimi.encoder_transformer.new_state(self.batch_size), ConvState()
         )
 
     @torch.inference_mode()
     def step(self, wav: torch.Tensor) -> torch.Tensor:
         self.mimi._check_wav(wav)
         if wav.shape[0] != self.batch_size:
-            raise ValueError(
-                f"this stream has batch size {self.batch_size}, got audio of batch {wav.shape[0]}"
-            )
+            raise ValueError(f"this stream has batch size {self.batch_size}, got audio of batch {wav.shape[0]}")
         if wav.shape[-1] % self.mimi.frame_size:
             raise ValueError(
                 f"stream audio in multiples of {self.mimi.frame_size} samples, got {wav.shape[-1]}; "
@@ -210,7 +205,8 @@ class EncodeStream:
 class DecodeStream:
     """Decodes codes frame by frame, with the audio `Mimi.decode` gives for the whole.
 
-    `step(codes [B, K, t])` returns audio [B, 1, t * 1920]; `reset()` starts a new stream.
+    `step(codes [B, K, t])` returns audio [B, 1, t * 1920]; `reset()` starts a new stream, and
+    `reset(rows)` a new one in those batch rows only, while the other rows stream on.
     """
 
     def __init__(self, mimi: Mimi, batch_size: int):
@@ -218,19 +214,36 @@ class DecodeStream:
         self.batch_size = batch_size
         self.reset()
 
-    def reset(self) -> None:
+    @torch.inference_mode()
+    def reset(self, rows: Sequence[int] | slice | None = None) -> None:
+        """Start afresh all rows (None), or only `rows` (batch indices, or a slice of them):
+        each of those rows then decodes its next codes as a new `decode_stream(1)` would."""
         mimi = self.mimi
-        self._state = _DecoderState(
-            ConvState(), mimi.decoder_transformer.new_state(), mimi.decoder.new_state()
-        )
+        if rows is None:
+            self._state = _DecoderState(
+                ConvState(), mimi.decoder_transformer.new_state(self.batch_size), mimi.decoder.new_state()
+            )
+            return
+        index = torch.tensor(self._row_indices(rows), dtype=torch.long, device=mimi.downsample.weight.device)
+        self._state.upsample.reset(index)
+        self._state.transformer.reset(index)
+        mimi.decoder.reset_rows(self._state.seanet, index)
+
+    def _row_indices(self, rows: Sequence[int] | slice) -> list[int]:
+        if isinstance(rows, slice):
+            return list(range(self.batch_size)[rows])
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+            raise TypeError(f"rows must be a sequence of row indices or a slice, got {type(rows).__name__}")
+        for row in rows:
+            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.batch_size:
+                raise ValueError(f"rows must be indices in 0..{self.batch_size - 1}, got {row!r}")
+        return list(rows)
 
     @torch.inference_mode()
     def step(self, codes: torch.Tensor) -> torch.Tensor:
         self.mimi._check_codes(codes)
         if codes.shape[0] != self.batch_size:
-            raise ValueError(
-                f"this stream has batch size {self.batch_size}, got codes of batch {codes.shape[0]}"
-            )
+            raise ValueError(f"this stream has batch size {self.batch_size}, got codes of batch {codes.shape[0]}")
         return self.mimi._decode(codes, self._state)
 
 

@@ -22,6 +22,12 @@ class ConvState:
 
     tail: torch.Tensor | None = None
 
+    def reset(self, rows: torch.Tensor) -> None:
+        """Start the given batch rows (an index tensor) afresh with silence (zeros): the fresh
+        state of a zero-padded convolution and of a transposed one."""
+        if self.tail is not None:
+            self.tail[rows] = 0
+
 
 class CausalConv1d(nn.Conv1d):
     """`nn.Conv1d` with causal padding; `pad_mode` is "constant" (zeros) or "replicate"."""

@@ -52,6 +52,13 @@ class _Stack(nn.Module):
                 x = layer(x, None if state is None else state[i])
         return x
 
+    def reset_rows(self, state: SEANetState, rows: torch.Tensor) -> None:
+        """Start the given batch rows (an index tensor) of `state` afresh; the others go on."""
+        for layer_state in state:
+            for conv_state in layer_state if isinstance(layer_state, list) else [layer_state]:
+                if conv_state is not None:
+                    conv_state.reset(rows)
+
     def new_state(self) -> SEANetState:
         """A fresh streaming state: silence (zeros) before the first chunk."""
         states: SEANetState = []

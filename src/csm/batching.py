@@ -1,0 +1,183 @@
+"""Utterances in rows of the KV caches: each prompt prefilled on its own, then frames for all rows at once.
+
+`Generator.generate` runs one sequence in row 0; `Generator.generate_batch` and the engine run
+one per row. All go through `Batch`, so that a row computes what it computes alone:
+- a prompt is prefilled in its own row, in chunks cut at the end of every context segment and
+  every `PREFILL_CHUNK` positions, so a voice prefix copied from the `VoiceCache` is bit for
+  bit the state a fresh prefill leaves;
+- only the one-frame steps are batched, each row sampling from its own generator.
+
+The rows of the sequences that decode together must be contiguous (one step covers a range of
+rows): `move` copies a sequence to another row, for keeping them packed at the bottom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Sequential
+from dataclasses import dataclass
+
+import torch
+
+from csm.model import CSM
+from csm.voice_cache import VoiceCache
+
+# Prompt positions per prefill step. A step of this many positions costs about as much as a
+# batched one-frame step on a CPU, so an engine interleaving the two stalls running rows for
+# about one frame per chunk.
+PREFILL_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt frames, and where each context prefix ends with its content key."""
+
+    tokens: torch.Tensor  # [S, 33] int64
+    mask: torch.Tensor  # [S, 33] bool
+    prefixes: tuple[tuple[int, str], ...] = ()  # (length, key), shortest first, all shorter than S
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence samples, and how many frames it may make."""
+
+    temperature: float
+    topk: int
+    max_frames: int
+    generator: torch.Generator | None = None
+
+
+class Sequence:
+    """One utterance in a cache row: how much of its prompt is in, and the frames it made."""
+
+    def __init__(self, prompt: Prompt, sampling: Sampling, row: int):
+        self.prompt = prompt
+        self.sampling = sampling
+        self.row = row
+        self.prefilled = 0
+        self.frames = 0
+        self.last: torch.Tensor | None = None  # the frame to feed next, [32]
+        self.done = False
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt and not finished: ready for a batched step."""
+        return self.last is not None and not self.done
+
+    @property
+    def written(self) -> int:
+        """Positions of this sequence in its cache row (the last frame is not fed yet)."""
+        return self.prefilled + max(self.frames - 1, 0)
+
+    def emit(self, frame: torch.Tensor) -> torch.Tensor | None:
+        """Take a sampled frame: itself, or None for the all-zero end of speech."""
+        if not frame.any():
+            self.done = True
+            return None
+        self.frames += 1
+        self.last = frame
+        self.done = self.frames >= self.sampling.max_frames
+        return frame
+
+
+class Batch:
+    """Runs sequences in the cache rows of `model`, with voice prefixes from `voices`."""
+
+    def __init__(self, model: CSM, voices: VoiceCache | None = None):
+        self.model = model
+        self.voices = voices
+
+    @torch.inference_mode()
+    def start(self, prompt: Prompt, sampling: Sampling, row: int) -> Sequence:
+        """A sequence in `row`, its longest cached context prefix already in place."""
+        sequence = Sequence(prompt, sampling, row)
+        if self.voices is not None:
+            for length, key in reversed(prompt.prefixes):
+                state = self.voices.get(key)
+                if state is not None:
+                    self.model.load_cache_prefix(row, state)
+                    sequence.prefilled = length
+                    break
+        return sequence
+
+    @torch.inference_mode()
+    def prefill(self, sequence: Sequence) -> torch.Tensor | None:
+        """Feed the next chunk of the prompt; after the last one, return the first frame.
+
+        None while the prompt is not all in, or when the first frame is the end of speech
+        (then `sequence.done` is set).
+        """
+        prompt, start = sequence.prompt, sequence.prefilled
+        ends = [length for length, _ in prompt.prefixes if length > start]
+        end = min([start + PREFILL_CHUNK, len(prompt), *ends])
+        tokens, mask = prompt.tokens[None, start:end], prompt.mask[None, start:end]
+        positions = torch.arange(start, end, device=tokens.device)[None]
+        rows = slice(sequence.row, sequence.row + 1)
+        sequence.prefilled = end
+        if end < len(prompt):
+            self.model.backbone_hidden(tokens, mask, positions, rows)
+            self._remember(sequence)
+            return None
+        sampling = sequence.sampling
+        frame = self.model.generate_frame(
+            tokens, mask, positions, sampling.temperature, sampling.topk, sampling.generator, rows
+        )
+        return sequence.emit(frame[0])
+
+    @torch.inference_mode()
+    def decode(self, sequences: Sequential[Sequence]) -> list[torch.Tensor | None]:
+        """One frame for each decoding sequence, in one step; their rows must be contiguous, in order."""
+        rows = slice(sequences[0].row, sequences[-1].row + 1)
+        if [sequence.row for sequence in sequences] != list(range(rows.start, rows.stop)):
+            raise ValueError("sequences decoded together must be in contiguous rows, in order")
+        frames = torch.stack([sequence.last for sequence in sequences])
+        # Each frame becomes its row's next position: 32 audio slots set, the text slot empty.
+        tokens = torch.cat([frames, frames.new_zeros(len(frames), 1)], dim=1)[:, None]
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[..., -1] = False
+        positions = torch.tensor([[sequence.written] for sequence in sequences], device=frames.device)
+        frames = self.model.generate_frame(
+            tokens,
+            mask,
+            positions,
+            [sequence.sampling.temperature for sequence in sequences],
+            [sequence.sampling.topk for sequence in sequences],
+            [sequence.sampling.generator for sequence in sequences],
+            rows,
+        )
+        return [sequence.emit(frame) for sequence, frame in zip(sequences, frames, strict=True)]
+
+    @torch.inference_mode()
+    def move(self, sequence: Sequence, row: int) -> None:
+        """Put `sequence` in cache row `row` (a copy of the positions it has written)."""
+        self.model.copy_cache_row(sequence.row, row, sequence.written)
+        sequence.row = row
+
+    def pack(self, sequences: Sequential[Sequence]) -> list[Sequence]:
+        """The unfinished of `sequences` (in rows 0 .. n-1, in order) in rows 0 .. m-1.
+
+        The last sequence moves into the row of a finished one: one copy per finished row.
+        """
+        packed = list(sequences)
+        index = 0
+        while index < len(packed):
+            if packed[-1].done:
+                packed.pop()
+            elif packed[index].done:
+                last = packed.pop()
+                self.move(last, packed[index].row)
+                packed[index] = last
+                index += 1
+            else:
+                index += 1
+        return packed
+
+    def _remember(self, sequence: Sequence) -> None:
+        """Keep the KV state of a context prefix that the last chunk completed."""
+        if self.voices is None:
+            return
+        for length, key in sequence.prompt.prefixes:
+            if length == sequence.prefilled and key not in self.voices:
+                self.voices.put(key, self.model.cache_prefix(sequence.row, length))
