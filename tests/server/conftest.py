@@ -44,7 +44,7 @@ class Server:
         path: str,
         body: bytes | dict | None = None,
         headers: dict | None = None,
-        key: str | None = "",
+        key: str | None = OWN_KEY,
     ):
         """(status, headers, body) of one request; `key` defaults to the server's own API key."""
         headers = dict(headers or {})
@@ -73,7 +73,7 @@ class Server:
     def wait_idle(self, seconds: float = 120) -> None:
         """Until no engine slot is busy and nothing waits (bounded)."""
         deadline = time.monotonic() + seconds
-        while self.engine_stat("active_slots") or self.engine_stat("queue_length"):
+        while self.engine_stat("active") or self.engine_stat("queue_length"):
             assert time.monotonic() < deadline, "engine still busy"
             time.sleep(0.1)
 
