@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from csm.cli import main
 from tests.product.conftest import speech_like
 
 GOOD = {"model": "csm-1b", "input": "Hello.", "voice": "alloy", "response_format": "pcm", "max_audio_seconds": 0.16}
@@ -57,6 +58,7 @@ def _assert_envelope(status: int, body: bytes, expected: int, param: str | None 
         ({"voice": "nobody"}, "voice"),
         ({"voice": "../../etc/passwd"}, "voice"),
         ({"voice": {"id": "voice_0000000000000000"}}, "voice"),
+        ({"voice": 5}, "voice"),
         ({"response_format": "ogg"}, "response_format"),
         ({"speed": 4.5}, "speed"),
         ({"speed": 0.2}, "speed"),
@@ -84,6 +86,11 @@ def test_a_context_too_long_for_the_model_is_refused_before_any_audio(server):
     status, _, body = server.call("POST", "/v1/audio/speech", request)
     assert "context too long" in _assert_envelope(status, body, 400)["message"]
     server.wait_idle()
+
+
+def test_serve_options_are_checked_before_anything_loads(capsys):
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "csm: error: --max-batch must be at least 1, got 0"
 
 
 def test_not_json_and_oversized_bodies(server):

@@ -54,7 +54,10 @@ def error_response(error: APIError) -> JSONResponse:
 def from_validation(error: ValidationError) -> APIError:
     """The first problem pydantic found, naming the field (`voice.id`, `context.0.audio`)."""
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    location = list(first["loc"])
+    if location[:1] == ["voice"]:
+        location = ["voice"]  # not "voice.str" or "voice.VoiceRef": the union's member names
+    param = ".".join(str(part) for part in location) or None
     message = first["msg"].removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
