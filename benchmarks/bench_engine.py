@@ -5,10 +5,10 @@
 Random weights of CSM-1B's size in bfloat16 (a tiny CSM in float32 with --tiny), a full-size
 Mimi, no watermark (the engine streams unwatermarked audio). Random weights never sample the
 end of speech, so every request runs to `--frames` frames. Reports:
-- for N concurrent requests (submitted together to one engine of max(N) rows): frames per
-  second over the whole run (prefills included), its ratio to N = 1, the mean and worst time
-  to first audio, and what one batched turn costs apart: the CSM step of N rows and the
-  Mimi step (always all rows), so that the rest is the engine's own overhead;
+- for N concurrent requests (submitted together to an engine of N rows): frames per second
+  over the whole run (prefills included), its ratio to N = 1, the mean and worst time to first
+  audio, and what one turn costs apart: the CSM step of N rows and the Mimi step of N rows, so
+  that the rest of a turn is prefill and the engine's own overhead;
 - the voice cache: time to first audio of a request with a 10 s voice prompt when the voice
   is new and when it is cached (one request at a time), with the cache off for comparison;
 - bf16 batching agreement: for 8 seeded requests made together by `generate_batch`, the first
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import random_csm
 
 from csm import Generator, Mimi, Segment
-from csm.batching import Batch
+from csm.batching import PREFILL_CHUNK, Batch
 from csm.engine import Engine, Request
 from csm.model import CSMConfig
 from csm.text import load_tokenizer
@@ -69,31 +69,45 @@ def serve(engine: Engine, requests: list[Request]) -> tuple[float, list[float]]:
     return time.perf_counter() - started, firsts
 
 
-def step_seconds(generator: Generator, rows: int, mimi_rows: int, repeats: int = 3) -> tuple[float, float]:
-    """Seconds of one batched CSM step of `rows` rows, and of one Mimi step of `mimi_rows` rows."""
+def step_seconds(generator: Generator, rows: int, repeats: int = 3) -> tuple[float, float]:
+    """Seconds of one batched CSM step of `rows` rows, and of one Mimi step of as many rows."""
     model = generator.model
     model.setup_caches(rows)
     batch = Batch(model)
     prompt = generator.prompt(TEXT, 0, [])
-    sequences = []
-    for row in range(rows):
+    first = batch.start(prompt, generator.sampling(10_000, 0.9, 50, 0), 0)
+    while first.last is None:
+        batch.prefill(first)
+    sequences = [first]
+    for row in range(1, rows):  # the same prompt in every row: copies of the first
+        model.copy_cache_row(0, row, first.written)
         sequence = batch.start(prompt, generator.sampling(10_000, 0.9, 50, row), row)
-        while sequence.last is None:
-            batch.prefill(sequence)
+        sequence.prefilled, sequence.frames, sequence.last = first.prefilled, first.frames, first.last
         sequences.append(sequence)
     batch.decode(sequences)
     started = time.perf_counter()
     for _ in range(repeats):
         batch.decode(sequences)
     csm_seconds = (time.perf_counter() - started) / repeats
-    stream = generator.mimi.decode_stream(mimi_rows)
-    codes = torch.randint(2048, (mimi_rows, 32, 1))
+    stream = generator.mimi.decode_stream(rows)
+    codes = torch.randint(2048, (rows, 32, 1))
     stream.step(codes)
     started = time.perf_counter()
     for _ in range(repeats):
         stream.step(codes)
     model.setup_caches(1)
     return csm_seconds, (time.perf_counter() - started) / repeats
+
+
+def prefill_chunk_seconds(generator: Generator, prompt) -> float:
+    """Seconds of the first full prefill chunk of `prompt`, in row 0: what it adds to a turn."""
+    generator.model.setup_caches(1)
+    sequence = Batch(generator.model).start(prompt, generator.sampling(240, 0.9, 50, 0), 0)
+    Batch(generator.model).prefill(sequence)  # warm up this shape
+    sequence.prefilled = 0
+    started = time.perf_counter()
+    Batch(generator.model).prefill(sequence)
+    return time.perf_counter() - started
 
 
 def first_audio_seconds(generator: Generator, request: Request) -> float:
@@ -126,29 +140,25 @@ def main() -> None:
     print(f"random weights ({size}), Mimi full size fp32, {torch.get_num_threads()} CPU threads, {args.frames} frames")
 
     max_ms = args.frames * 80
-    rows = max(levels)
     print(
         f"\n{'concurrent':>10} {'frames/s':>9} {'vs 1':>6} {'TTFA mean s':>12} {'TTFA max s':>11} "
         f"{'CSM step s':>11} {'Mimi step s':>12} {'engine turn s':>14}"
     )
+    first_audio_seconds(generator, Request("Warm up.", 0, (), 240, seed=0))
     base = None
-    with Engine(generator, max_batch=rows, max_queue=rows) as engine:
-        serve(engine, [Request("Warm up.", 0, (), 240, seed=0)])
-        measured = {}
-        for level in levels:
-            requests = [Request(TEXT, i % 2, (), max_ms, seed=i) for i in range(level)]
-            wall, firsts = serve(engine, requests)
-            measured[level] = (wall, firsts)
     for level in levels:
-        wall, firsts = measured[level]
-        csm_step, mimi_step = step_seconds(generator, level, rows)
+        # An engine of as many rows as requests: its Mimi step decodes every row, in use or not.
+        with Engine(generator, max_batch=level, max_queue=0) as engine:
+            wall, firsts = serve(engine, [Request(TEXT, i % 2, (), max_ms, seed=i) for i in range(level)])
+        csm_step, mimi_step = step_seconds(generator, level)
         rate = level * args.frames / wall
         base = base or rate
-        # A request's frames come one per turn: the turn time is the wall time over the turns.
+        # Frames come one per turn, and each request's prefill takes a turn of its own.
         turn = wall / (args.frames + level - 1)
         print(
             f"{level:>10} {rate:>9.2f} {rate / base:>5.2f}x {statistics.mean(firsts):>12.2f} {max(firsts):>11.2f} "
-            f"{csm_step:>11.3f} {mimi_step:>12.3f} {turn:>14.3f}"
+            f"{csm_step:>11.3f} {mimi_step:>12.3f} {turn:>14.3f}",
+            flush=True,
         )
 
     voice = [Segment(1, VOICE_TEXT, voice_clip(args.voice_seconds))]
@@ -170,6 +180,10 @@ def main() -> None:
         f"(context codes cached, positions prefilled again)"
     )
     print(f"  cached state: {cached.voices.nbytes / 2**20:.1f} MiB")
+    chunk = prefill_chunk_seconds(generator, prompt)
+    print(
+        f"prefill: one chunk of {PREFILL_CHUNK} positions takes {chunk:.3f} s (what admitting a long prompt adds to a turn)"
+    )
 
     texts = [f"{TEXT} Number {i}." for i in range(8)]
     batch = generator.generate_batch(texts, [i % 2 for i in range(8)], [[]] * 8, max_ms, seeds=list(range(8)))

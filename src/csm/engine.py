@@ -234,7 +234,7 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="csm-engine", daemon=True)
         self._thread.start()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Engine:  # noqa: PYI034 -- typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -243,7 +243,7 @@ class Engine:
     def submit(self, request: Request) -> Handle:
         """Queue `request`; a ValueError names a bad field, QueueFullError says to retry later."""
         if not isinstance(request, Request):
-            raise ValueError(f"submit takes a csm.engine.Request, got {type(request).__name__}")
+            raise ValueError(f"submit takes a csm.engine.Request, got {type(request).__name__}")  # noqa: TRY004
         self._generator.check_request(
             request.text,
             request.speaker,
@@ -323,7 +323,7 @@ class Engine:
                 incoming = self._queue.popleft() if admit else None
             try:
                 self._turn(incoming)
-            except Exception as error:  # a bug or an exhausted device: fail what runs, keep serving
+            except Exception as error:  # noqa: BLE001 -- a bug or an exhausted device: fail what runs, keep serving
                 self._fail_all(error)
         self._fail_all(EngineClosedError("the engine was closed before this request finished"))
 
@@ -356,7 +356,7 @@ class Engine:
                 rng.seed()
                 sampling = replace(sampling, generator=rng)
             sequence = self._batch.start(prompt, sampling, len(self._decoding))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             self._end(stream, error)
             return
         self._prefilling = _Active(stream, sequence)
@@ -374,7 +374,7 @@ class Engine:
         active = self._prefilling
         try:
             frame = self._batch.prefill(active.sequence)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             active.sequence.done = True
             frame, active.stream.error = None, error
         if active.sequence.done and frame is None:
@@ -389,7 +389,7 @@ class Engine:
         """One frame for every decoding row, in one step."""
         try:
             frames = self._batch.decode([active.sequence for active in self._decoding])
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             for active in self._decoding:
                 active.sequence.done = True
                 active.stream.error = error
@@ -412,7 +412,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 audio = self._audio.step(codes)[:, 0].float().cpu()
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             for active, _ in frames:
                 active.sequence.done = True
                 active.stream.error = error
@@ -436,7 +436,8 @@ class Engine:
         for active in self._decoding:
             if active.sequence.done:
                 self._end(active.stream, active.stream.error)
-                self._free_audio_rows.append(active.audio_row)
+                if active.audio_row is not None:
+                    self._free_audio_rows.append(active.audio_row)
         by_sequence = {id(active.sequence): active for active in self._decoding}
         packed = self._batch.pack([active.sequence for active in self._decoding])
         self._decoding = [by_sequence[id(sequence)] for sequence in packed]

@@ -71,3 +71,9 @@ def test_the_output_of_a_batch_is_a_folder(assets, tmp_path, capsys):
     (tmp_path / "taken.wav").write_bytes(b"")
     assert _exit_status(["say", "--batch", str(lines), "-o", str(tmp_path / "taken.wav"), *_sources(assets)]) == 2
     assert "-o names a folder" in capsys.readouterr().err
+
+
+def test_say_help_tells_of_the_batch_mode(capsys):
+    assert _exit_status(["say", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--batch FILE" in text and "--max-batch N" in text and "the folder for the files" in text

@@ -168,7 +168,7 @@ def test_a_failing_request_fails_alone(generator, parts, codec):
 def test_memory_stays_flat_over_a_thousand_requests(generator):
     def live_tensors() -> int:
         gc.collect()
-        return sum(isinstance(item, torch.Tensor) for item in gc.get_objects())
+        return sum(type(item) is torch.Tensor for item in gc.get_objects())
 
     def serve(count: int, worker: int) -> None:
         for i in range(count):
