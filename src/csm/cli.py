@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     say.add_argument(
         "--stream",
         action="store_true",
-        help="with -o -, write raw PCM as each frame is decoded; streamed audio is not "
-        "watermarked, since the watermark is computed over a whole clip",
+        help="with -o -, write raw PCM while it is generated: each 1.04 s clip is watermarked "
+        "on its own and written when complete (with --no-watermark: each frame as it is decoded)",
     )
     _add_batch(say)
     _add_generation(say, default_seconds=30.0)
@@ -128,6 +128,39 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--revision", help="revision of a hub SOURCE")
     quantize.set_defaults(run=_quantize)
     _add_finetune_commands(commands)
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible speech server",
+        description="Serve POST /v1/audio/speech (OpenAI's API), voices, /v1/models, /health, /metrics and a "
+        "web page at /, batching concurrent requests. Needs the serve extra: pip install 'csm[serve]'.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _add_sources(serve)
+    serve.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    serve.add_argument("--dtype", help="CSM number format: float32, bfloat16 or float16 (default: best for the device)")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests generated together (default 8)")
+    serve.add_argument(
+        "--max-queue", type=int, default=64, metavar="N",
+        help="requests waiting beyond those; more get 429 (default 64)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--api-key", metavar="KEY", help="require Authorization: Bearer KEY on every endpoint but /health "
+        "(default: the CSM_API_KEY environment variable; none: no key)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--voices-dir", type=Path, default=Path("~/.local/share/csm/voices"), metavar="DIR",
+        help="where uploaded voices are kept (default ~/.local/share/csm/voices)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cors-origin", action="append", default=[], metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable)",
+    )  # fmt: skip
+    serve.add_argument("--no-watermark", action="store_true", help="do not watermark any response (logged at startup)")
+    serve.add_argument(
+        "--watermark-key", type=_key, default=None, metavar="K1,...,K5", help="your own 5-byte watermark key"
+    )
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="show versions, device and where the weights are")
     _add_sources(info)
@@ -262,10 +295,16 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
     """Generate `turns` after `prompts`, show progress, write the output, print one summary line."""
     from csm.audio import save_audio, write_pcm16
     from csm.longform import generate_turns
+    from csm.watermark.stream import ClipMarker
 
     frame_size = generator.sample_rate * 80 // 1000
-    if args.stream and not args.no_watermark:
-        print("csm: note: streamed audio is not watermarked (the watermark needs the whole clip)", file=sys.stderr)
+    # A live stream is marked clip by clip (the watermark needs about a second of audio).
+    marker = ClipMarker(generator.watermark) if args.stream and not args.no_watermark else None
+
+    def write(chunk: torch.Tensor) -> None:
+        for clip in marker.push(chunk) if marker else [chunk]:
+            write_pcm16(sys.stdout.buffer, clip)
+
     started = time.perf_counter()
     with ExitStack() as stack:
         bar = None
@@ -277,7 +316,7 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
                 bar = stack.enter_context(tqdm(desc="generating", unit="frame", file=sys.stderr))
             bar.update(chunk.numel() // frame_size)
             if args.stream:
-                write_pcm16(sys.stdout.buffer, chunk)
+                write(chunk)
 
         segments = generate_turns(
             generator,
@@ -290,6 +329,8 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
             on_chunk=on_chunk,
         )
     audio = torch.cat([segment.audio for segment in segments])
+    for clip in marker.finish() if marker else []:
+        write_pcm16(sys.stdout.buffer, clip)
     if not args.stream:
         audio = generator.watermark(audio)
         if args.output == "-":
@@ -301,6 +342,41 @@ def _render(generator, turns, prompts, args: argparse.Namespace) -> int:
     factor = f"{wall / seconds:.2f}" if seconds else "n/a"
     target = "stdout" if args.output == "-" else args.output
     print(f"{target}: {seconds:.2f} s of audio in {wall:.2f} s (real-time factor {factor})", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from csm.server.main import ServeOptions, api_key_from_environment, serve
+    except ImportError as error:
+        missing = error.name or "a dependency"
+        raise ValueError(f"csm serve needs the serve extra ({missing} is missing): pip install 'csm[serve]'") from None
+    from csm.devices import default_dtype, parse_dtype
+
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be 0-65535, got {args.port}")
+    device = _device(args.device)
+    serve(
+        ServeOptions(
+            host=args.host,
+            port=args.port,
+            model=args.model,
+            mimi=args.mimi,
+            tokenizer=args.tokenizer,
+            watermarker=args.watermarker,
+            device=device,
+            dtype=parse_dtype(args.dtype) if args.dtype else default_dtype(device),
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            api_key=args.api_key or api_key_from_environment(),
+            voices_dir=str(args.voices_dir.expanduser()),
+            cors_origins=tuple(args.cors_origin),
+            watermark=False if args.no_watermark else (args.watermark_key or True),
+        )
+    )
     return 0
 
 

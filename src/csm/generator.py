@@ -29,6 +29,7 @@ from csm.text import audio_frames, load_tokenizer, text_frames
 from csm.voice_cache import VoiceCache
 from csm.watermark import CSM_KEY, Watermarker
 from csm.watermark.message import check_key
+from csm.watermark.stream import watermark_stream
 
 FRAME_MS = 80
 # Rows that `generate_batch` runs at once: beyond ~8 a CPU step costs about as much per row
@@ -153,18 +154,23 @@ class Generator:
         *,
         seed: int | None = None,
         chunk_frames: int = 1,
+        watermark: bool = True,
     ) -> Iterator[torch.Tensor]:
-        """Like `generate`, but yields 1-D float32 chunks of `chunk_frames` frames as they are made.
+        """Like `generate`, but yields 1-D float32 chunks as they are made.
 
-        The chunks are not watermarked: the watermark is computed over a whole clip (and
-        needs about a second of it), so it cannot be added 80 ms at a time. Joined, the
-        chunks equal `generate`'s audio (same seed) before its watermark; to keep the
-        audio, pass the joined chunks through `watermark`.
+        Without a watermark (none loaded, or `watermark=False`) each chunk is `chunk_frames`
+        frames, and the joined chunks equal `generate`'s audio (same seed) before its
+        watermark. With one, the audio is cut into clips of `csm.watermark.stream.CLIP_SAMPLES`
+        (1.04 s; the last one shorter), each marked as a clip of its own, since the watermark
+        needs about a second of audio: the first chunk comes after one clip, not one frame.
         """
         if not isinstance(chunk_frames, int) or chunk_frames < 1:
             raise ValueError(f"chunk_frames must be a positive integer, got {chunk_frames!r}")
         frames = self._frames(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
-        return self._decode_stream(frames, chunk_frames)
+        chunks = self._decode_stream(frames, chunk_frames)
+        if watermark and self._watermarker is not None:
+            return watermark_stream(chunks, self.watermark)
+        return chunks
 
     def watermark(self, audio: torch.Tensor) -> torch.Tensor:
         """`audio` (at `sample_rate`) with this generator's watermark; unchanged if it has none."""

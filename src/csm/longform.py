@@ -103,7 +103,8 @@ def generate_turns(
 
     Returns one segment per turn with its audio before watermarking (join them and pass
     the result to `generator.watermark`). `on_chunk` sees every streamed audio chunk as
-    it is decoded; turn i is seeded with `seed + i` when a seed is given.
+    it is decoded, unmarked (mark a live stream with `csm.watermark.stream.ClipMarker`);
+    turn i is seeded with `seed + i` when a seed is given.
     """
     generated: list[Segment] = []
     for index, turn in enumerate(turns):
@@ -119,6 +120,7 @@ def generate_turns(
             temperature=temperature,
             topk=topk,
             seed=None if seed is None else seed + index,
+            watermark=False,
         ):
             chunks.append(chunk)
             if on_chunk is not None:

@@ -1,0 +1,297 @@
+"""The HTTP routes: OpenAI's speech, voices and models endpoints, health, metrics and the page.
+
+Thin: requests are checked here (pydantic, auth, size caps) and handed to the speech
+service; the engine knows nothing of HTTP. A client that goes away mid-response cancels
+its generation (Starlette stops the body, and `SpeechService.chunks` cancels the engine
+request it was reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from csm.server.encoding import MEDIA_TYPES, open_encoder
+from csm.server.errors import APIError, from_validation, install_handlers
+from csm.server.metrics import Metrics
+from csm.server.protocol import DeletedVoice, Model, ModelList, SpeechRequest, VoiceList
+from csm.server.speech import Plan, SpeechService
+from csm.server.uploads import decode_audio, read_body
+from csm.watermark.stream import FRAME_SAMPLES
+
+MODEL_ID = "csm-1b"
+MAX_JSON_BYTES = 16 * 2**20  # room for a few base64 context clips
+MAX_SAMPLE_BYTES = 10 * 2**20
+MAX_SAMPLE_SECONDS = 30.0
+# The multipart fields around the sample (name, transcript, consent) get this much on top.
+_FORM_OVERHEAD = 2**20
+_STATIC = resources.files("csm.server") / "static"
+
+
+def create_app(service: SpeechService, *, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    app = FastAPI(title="csm", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(service.engine.stats)
+    app.state.metrics = metrics
+    install_handlers(app)
+    app.add_middleware(_CountRequests, metrics=metrics)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
+    api = APIRouter(dependencies=[Depends(_authorizer(api_key))])
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(_STATIC / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[Model(id=MODEL_ID, created=0)])
+
+    @api.get("/v1/audio/voices")
+    async def list_voices() -> VoiceList:
+        return VoiceList(data=service.voices.listing())
+
+    @api.post("/v1/audio/voices")
+    async def create_voice(request: Request) -> JSONResponse:
+        fields = await _form(request, MAX_SAMPLE_BYTES + _FORM_OVERHEAD)
+        name = _text_field(fields, "name", 64)
+        text = _text_field(fields, "text", 4096)
+        _text_field(fields, "consent", 256)
+        sample = fields.get("audio_sample")
+        if not isinstance(sample, UploadFile):
+            raise APIError(400, "audio_sample: an audio file is required", param="audio_sample", code="missing_field")
+        if sample.size is not None and sample.size > MAX_SAMPLE_BYTES:
+            raise APIError(413, "audio_sample is larger than 10 MiB", param="audio_sample", code="file_too_large")
+        data = await sample.read()
+        try:
+            audio = await asyncio.to_thread(decode_audio, data, "audio_sample", MAX_SAMPLE_SECONDS)
+        except ValueError as error:
+            raise APIError(400, str(error), param="audio_sample", code="invalid_audio") from None
+        voice = await asyncio.to_thread(service.voices.store.add, name, text, audio)
+        return JSONResponse(voice.listing().model_dump(), status_code=200)
+
+    @api.delete("/v1/audio/voices/{voice_id}")
+    async def delete_voice(voice_id: str) -> DeletedVoice:
+        if voice_id in service.voices.builtin or voice_id in service.voices.openai:
+            raise APIError(400, f"{voice_id!r} is a built-in voice and cannot be deleted", param="voice_id")
+        if not await asyncio.to_thread(service.voices.store.delete, voice_id):
+            raise APIError(404, f"no stored voice {voice_id!r}", param="voice_id", code="voice_not_found")
+        return DeletedVoice(id=voice_id)
+
+    @api.post("/v1/audio/speech")
+    async def speech(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            body = SpeechRequest.model_validate_json(await read_body(request, MAX_JSON_BYTES))
+        except ValidationError as error:
+            raise from_validation(error) from None
+        plan = await service.plan(body)
+        first = service.start(plan)
+        audio = _AudioBody(service, plan, first, body.response_format, metrics, started)
+        if body.stream_format == "sse":
+            return _Streamed(
+                first, audio.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        if body.stream:
+            return _Streamed(first, audio, media_type=MEDIA_TYPES[body.response_format])
+        try:
+            return await _unless_gone(request, audio.whole())
+        finally:
+            first.cancel()
+
+    app.include_router(api)
+    return app
+
+
+class _AudioBody:
+    """One response's audio, encoded by one encoder: streamed bytes, SSE events, or whole."""
+
+    def __init__(
+        self, service: SpeechService, plan: Plan, first, response_format: str, metrics: Metrics, started: float
+    ):
+        self.service, self.plan, self.first = service, plan, first
+        self.format, self.metrics, self.started = response_format, metrics, started
+        self.samples = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        encoder = open_encoder(self.format, self.service.sample_rate)
+        try:
+            async for piece in self.service.stream(self.plan, self.first):
+                if self.samples == 0:
+                    self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
+                self.samples += piece.numel()
+                data = encoder.encode(piece)
+                if data:
+                    yield data
+            yield encoder.finish()
+        finally:
+            self.metrics.audio_seconds.inc(self.samples / self.service.sample_rate)
+
+    async def events(self) -> AsyncIterator[str]:
+        """`speech.audio.delta` events with base64 audio, then `speech.audio.done` (or `speech.audio.error`)."""
+        try:
+            async for data in self:
+                if data:
+                    yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        except Exception as error:  # noqa: BLE001 - a failure mid-stream is reported in the stream
+            message = error.message if isinstance(error, APIError) else str(error)
+            yield _event({"type": "speech.audio.error", "error": {"message": message, "type": "server_error"}})
+            return
+        text = self.service.input_tokens(self.plan)
+        frames = math.ceil(self.samples / FRAME_SAMPLES)
+        yield _event(
+            {
+                "type": "speech.audio.done",
+                "usage": {"input_tokens": text, "output_tokens": frames, "total_tokens": text + frames},
+            }
+        )
+
+    async def whole(self) -> Response:
+        """Everything at once, marked as one clip, with its duration and real-time factor in headers."""
+        audio = await self.service.whole(self.plan, self.first)
+        self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
+        encoder = open_encoder(self.format, self.service.sample_rate, total_samples=audio.numel())
+        content = encoder.encode(audio) + encoder.finish()
+        seconds = audio.numel() / self.service.sample_rate
+        self.metrics.audio_seconds.inc(seconds)
+        wall = time.perf_counter() - self.started
+        headers = {
+            "X-Audio-Duration": f"{seconds:.3f}",
+            "X-Real-Time-Factor": f"{wall / seconds:.3f}" if seconds else "0",
+        }
+        return Response(content, media_type=MEDIA_TYPES[self.format], headers=headers)
+
+
+class _Streamed(StreamingResponse):
+    """A streamed response that cancels its first engine request however it ends, even
+    when the client leaves before the body starts (later sentence chunks cancel themselves)."""
+
+    def __init__(self, first, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._first = first
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._first.cancel()
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _unless_gone(request: Request, work):
+    """Awaits `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected")
+
+
+async def _form(request: Request, limit: int) -> dict:
+    """A multipart form, its body capped at `limit` bytes while it streams in."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(415, "expected multipart/form-data", code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, "upload larger than 10 MiB", code="file_too_large")
+
+    async def capped() -> AsyncIterator[bytes]:
+        received = 0
+        async for part in request.stream():
+            received += len(part)
+            if received > limit:
+                raise APIError(413, "upload larger than 10 MiB", code="file_too_large")
+            yield part
+
+    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=8, max_part_size=64 * 1024)
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise APIError(400, f"bad multipart body: {error.message}", code="invalid_form") from None
+    return dict(form.multi_items())
+
+
+def _text_field(fields: dict, name: str, max_chars: int) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise APIError(400, f"{name}: a non-empty text field is required", param=name, code="missing_field")
+    if len(value) > max_chars:
+        raise APIError(400, f"{name}: at most {max_chars} characters", param=name, code="invalid_value")
+    return value.strip()
+
+
+def _authorizer(api_key: str | None):
+    """A dependency that accepts `Authorization: Bearer <api_key>` (every request when no key is set)."""
+    expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest()
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = hashlib.sha256(request.headers.get("authorization", "").encode()).digest()
+        # Digests of equal length, compared in constant time.
+        if not hmac.compare_digest(given, expected):
+            raise APIError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer <key>",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return authorize
+
+
+class _CountRequests:
+    """Counts every HTTP request by its route and response status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()

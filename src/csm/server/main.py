@@ -1,0 +1,116 @@
+"""The `csm serve` process: load the model, start the engine and uvicorn, shut down cleanly.
+
+uvicorn handles SIGINT and SIGTERM: it stops accepting connections, gives running
+responses `SHUTDOWN_GRACE_SECONDS` to finish, then cancels them (which cancels their
+engine requests); the engine closes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+
+from csm.engine import Engine
+from csm.errors import CSMError
+from csm.generator import load_csm_1b
+from csm.server.app import create_app
+from csm.server.speech import SpeechService
+from csm.server.voices import OPENAI_VOICES, Voices, VoiceStore
+from csm.voices import VOICE_TRANSCRIPTS, load_voice
+
+log = logging.getLogger("csm.server")
+
+SHUTDOWN_GRACE_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str
+    port: int
+    model: str
+    mimi: str
+    tokenizer: str | None
+    watermarker: str
+    device: torch.device
+    dtype: torch.dtype
+    max_batch: int
+    max_queue: int
+    api_key: str | None
+    voices_dir: str
+    cors_origins: tuple[str, ...]
+    watermark: bool | list[int]
+
+
+def serve(options: ServeOptions) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    generator = load_csm_1b(
+        options.device,
+        dtype=options.dtype,
+        model=options.model,
+        mimi=options.mimi,
+        tokenizer=options.tokenizer,
+        watermark=options.watermark,
+        watermarker=options.watermarker,
+    )
+    builtin = _builtin_voices(options.model)
+    voices = Voices(builtin, VoiceStore(options.voices_dir))
+    log.info(
+        "loaded CSM %s (%s) on %s, Mimi %s, in %.1f s",
+        options.model, str(options.dtype).removeprefix("torch."), options.device, options.mimi, time.perf_counter() - started,
+    )  # fmt: skip
+    if options.watermark:
+        log.info("watermark: on (every clip, streamed clips of 1.04 s each marked on their own)")
+    else:
+        log.warning("watermark: OFF for every response (--no-watermark)")
+    log.info(
+        "voices: built-in %s; %d stored in %s; OpenAI names %s",
+        ", ".join(builtin) or "none (the model folder has no prompts/)", len(voices.store), voices.store.folder,
+        ", ".join(f"{name}={voices.mapping(name)}" for name in OPENAI_VOICES),
+    )  # fmt: skip
+    log.info("API key: %s", "required" if options.api_key else "none (anyone who can reach the port may use it)")
+    with Engine(generator, max_batch=options.max_batch, max_queue=options.max_queue) as engine:
+        mark = generator.watermark if options.watermark else None
+        app = create_app(
+            SpeechService(engine, generator, voices, mark), api_key=options.api_key, cors_origins=options.cors_origins
+        )
+        log.info(
+            "engine: %d slots, queue of %d; serving on http://%s:%d/",
+            options.max_batch,
+            options.max_queue,
+            _host(options.host),
+            options.port,
+        )
+        config = uvicorn.Config(
+            app,
+            host=options.host,
+            port=options.port,
+            log_level="info",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        )
+        uvicorn.Server(config).run()
+    log.info("stopped")
+
+
+def _builtin_voices(model: str) -> dict:
+    """The model folder's prompt voices that can be read (none is fine: OpenAI names fall back)."""
+    voices = {}
+    for name in VOICE_TRANSCRIPTS:
+        try:
+            voices[name] = load_voice(name, speaker=0, model=model)
+        except (CSMError, ValueError, OSError) as error:
+            log.info("built-in voice %s unavailable: %s", name, error)
+    return voices
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def api_key_from_environment() -> str | None:
+    return os.environ.get("CSM_API_KEY") or None

@@ -1,0 +1,173 @@
+"""Voices a request can name: built-in prompts, OpenAI's voice names, and uploaded voices.
+
+A voice is what CSM hears before the text: context segments (audio plus transcript) and
+the speaker id to speak as. Uploaded voices live in a folder, one sub-folder per voice
+(`audio.wav`, float32 so it reads back bit for bit, and `voice.json`), each created under
+a temporary name and renamed into place whole. Ids are generated here and checked
+against their pattern before any path is built, so no name or id reaches outside the
+folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile
+import torch
+
+from csm.generator import Segment
+from csm.server.errors import APIError
+from csm.server.protocol import Voice
+
+log = logging.getLogger("csm.server")
+
+SAMPLE_RATE = 24_000
+# OpenAI's voice names, which clients hard-code; each maps to one fixed csm voice.
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar",
+)  # fmt: skip
+_STORED_ID = re.compile(r"voice_[0-9a-f]{16}")
+_INCOMING, _DELETED = ".incoming-", ".deleted-"
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """What a voice puts before the text: context segments, a speaker id, a default seed."""
+
+    prompts: tuple[Segment, ...]
+    speaker: int
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class StoredVoice:
+    id: str
+    name: str
+    text: str
+    created_at: int
+    audio: torch.Tensor
+
+    def listing(self) -> Voice:
+        return Voice(id=self.id, name=self.name, created_at=self.created_at, kind="stored", description=self.text)
+
+
+class VoiceStore:
+    """Uploaded voices, kept in memory and in `folder`; safe to use from several threads."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._voices: dict[str, StoredVoice] = {}
+        for entry in sorted(self.folder.iterdir()):
+            if entry.name.startswith((_INCOMING, _DELETED)):
+                # Left by an interrupted upload or deletion: never a complete voice.
+                shutil.rmtree(entry, ignore_errors=True)
+            elif _STORED_ID.fullmatch(entry.name):
+                self._load(entry)
+
+    def _load(self, entry: Path) -> None:
+        try:
+            meta = json.loads((entry / "voice.json").read_text(encoding="utf-8"))
+            samples, rate = soundfile.read(entry / "audio.wav", dtype="float32")
+            if rate != SAMPLE_RATE or samples.ndim != 1:
+                raise ValueError(f"expected mono {SAMPLE_RATE} Hz audio, got {rate} Hz")
+            voice = StoredVoice(
+                entry.name, str(meta["name"]), str(meta["text"]), int(meta["created_at"]), torch.from_numpy(samples)
+            )
+        except (OSError, ValueError, KeyError, TypeError, soundfile.SoundFileError) as error:
+            log.warning("skipping stored voice %s: %s", entry.name, error)
+            return
+        self._voices[voice.id] = voice
+
+    def __len__(self) -> int:
+        return len(self._voices)
+
+    def list(self) -> list[StoredVoice]:
+        with self._lock:
+            return sorted(self._voices.values(), key=lambda voice: (voice.created_at, voice.id))
+
+    def get(self, voice_id: str) -> StoredVoice | None:
+        if not _STORED_ID.fullmatch(voice_id):
+            return None
+        with self._lock:
+            return self._voices.get(voice_id)
+
+    def add(self, name: str, text: str, audio: torch.Tensor) -> StoredVoice:
+        voice = StoredVoice(
+            f"voice_{secrets.token_hex(8)}", name, text, int(time.time()), audio.to("cpu", torch.float32)
+        )
+        incoming = self.folder / f"{_INCOMING}{voice.id}"
+        incoming.mkdir()
+        try:
+            soundfile.write(incoming / "audio.wav", voice.audio.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+            meta = {"id": voice.id, "name": name, "text": text, "created_at": voice.created_at}
+            (incoming / "voice.json").write_text(json.dumps(meta), encoding="utf-8")
+            os.rename(incoming, self.folder / voice.id)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        with self._lock:
+            self._voices[voice.id] = voice
+        return voice
+
+    def delete(self, voice_id: str) -> bool:
+        if not _STORED_ID.fullmatch(voice_id):
+            return False
+        doomed = self.folder / f"{_DELETED}{voice_id}"
+        with self._lock:
+            if self._voices.pop(voice_id, None) is None:
+                return False
+            os.rename(self.folder / voice_id, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+
+class Voices:
+    """Resolves the `voice` of a request; lists every voice there is."""
+
+    def __init__(self, builtin: dict[str, Segment], store: VoiceStore):
+        self.builtin = builtin
+        self.store = store
+        # OpenAI names alternate between the built-in voices, or are fixed speaker/seed pairs.
+        names = sorted(builtin)
+        self.openai = {
+            name: VoicePrompt((builtin[names[i % len(names)]],), 0, None) if names else VoicePrompt((), i % 2, i)
+            for i, name in enumerate(OPENAI_VOICES)
+        }
+
+    def resolve(self, voice_id: str) -> VoicePrompt:
+        if voice_id in self.builtin:
+            return VoicePrompt((self.builtin[voice_id],), 0, None)
+        if voice_id in self.openai:
+            return self.openai[voice_id]
+        stored = self.store.get(voice_id)
+        if stored is None:
+            raise APIError(
+                400, f"unknown voice {voice_id!r}: see GET /v1/audio/voices", param="voice", code="voice_not_found"
+            )
+        return VoicePrompt((Segment(speaker=0, text=stored.text, audio=stored.audio),), 0, None)
+
+    def mapping(self, name: str) -> str:
+        """What an OpenAI voice name stands for, in words."""
+        voice = self.openai[name]
+        if voice.prompts:
+            return next(key for key, segment in self.builtin.items() if segment is voice.prompts[0])
+        return f"speaker {voice.speaker}, seed {voice.seed}"
+
+    def listing(self) -> list[Voice]:
+        voices = [Voice(id=name, name=name, created_at=0, kind="builtin") for name in sorted(self.builtin)]
+        voices += [
+            Voice(id=name, name=name, created_at=0, kind="openai", description=f"same as {self.mapping(name)}")
+            for name in OPENAI_VOICES
+        ]
+        return voices + [voice.listing() for voice in self.store.list()]
