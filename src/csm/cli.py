@@ -139,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_sources(serve)
     serve.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     serve.add_argument("--dtype", help="CSM number format: float32, bfloat16 or float16 (default: best for the device)")
+    _add_speed(serve)
+    serve.add_argument(
+        "--adapter", metavar="SOURCE", help="a fine-tuned LoRA adapter (PEFT format): hub repo, folder or file"
+    )
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests generated together (default 8)")
     serve.add_argument(
         "--max-queue", type=int, default=64, metavar="N",
@@ -369,6 +373,9 @@ def _serve(args: argparse.Namespace) -> int:
             watermarker=args.watermarker,
             device=device,
             dtype=parse_dtype(args.dtype) if args.dtype else default_dtype(device),
+            quantize=args.quantize,
+            compile=args.compile,
+            adapter=args.adapter,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             api_key=args.api_key or api_key_from_environment(),

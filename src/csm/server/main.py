@@ -38,6 +38,9 @@ class ServeOptions:
     watermarker: str
     device: torch.device
     dtype: torch.dtype
+    quantize: str | None
+    compile: bool
+    adapter: str | None
     max_batch: int
     max_queue: int
     api_key: str | None
@@ -57,12 +60,17 @@ def serve(options: ServeOptions) -> None:
         tokenizer=options.tokenizer,
         watermark=options.watermark,
         watermarker=options.watermarker,
+        quantize=options.quantize,
+        compile=options.compile,
+        adapter=options.adapter,
     )
     builtin = _builtin_voices(options.model)
     voices = Voices(builtin, VoiceStore(options.voices_dir))
     log.info(
-        "loaded CSM %s (%s) on %s, Mimi %s, in %.1f s",
-        options.model, str(options.dtype).removeprefix("torch."), options.device, options.mimi, time.perf_counter() - started,
+        "loaded CSM %s (%s%s%s) on %s, Mimi %s, in %.1f s",
+        options.model, str(options.dtype).removeprefix("torch."),
+        f", {options.quantize}" if options.quantize else "", f", adapter {options.adapter}" if options.adapter else "",
+        options.device, options.mimi, time.perf_counter() - started,
     )  # fmt: skip
     if options.watermark:
         log.info("watermark: on (every clip, streamed clips of 1.04 s each marked on their own)")
