@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMATS = ("int8", "int4")
-# Measured on the full-size model (see README, benchmarks): 32 costs ~10% more time than 64
-# for no gain we can measure on random weights; larger groups lose precision.
+# One of the kernel's 32, 64, 128, 256: smaller groups are more precise and cost more scales
+# to read. 64 is provisional: the timing of each size on the full-size shapes is still to be
+# measured (the machine was saturated when this was written).
 INT4_GROUP_SIZE = 64
 # The int8 kernel gives wrong values unless K is a multiple of 16; the int4 kernel needs N a
 # multiple of 16 and K a multiple of the group size.
