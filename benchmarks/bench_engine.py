@@ -133,7 +133,6 @@ def main() -> None:
     tokenizer = load_tokenizer(write_tiny_tokenizer(args.workdir / "tokenizer.json"))
     config, dtype = (tiny_config(), torch.float32) if args.tiny else (CSMConfig(), torch.bfloat16)
     model = random_csm(config, dtype)
-    model.init_buffers()  # random_csm leaves the buffers that no checkpoint holds empty
     mimi = Mimi.from_pretrained(mimi_file)
     generator = Generator(model, mimi, tokenizer)
     size = "tiny CSM, fp32" if args.tiny else "CSM-1B size, bf16"

@@ -138,7 +138,6 @@ def main() -> None:
         write_silentcipher_repo(silentcipher)
     tokenizer = load_tokenizer(write_tiny_tokenizer(args.workdir / "tokenizer.json"))
     model = random_csm(tiny_config(), torch.float32) if args.tiny else random_csm(CSMConfig(), torch.bfloat16)
-    model.init_buffers()
     generator = Generator(
         model, Mimi.from_pretrained(mimi_file), tokenizer, Watermarker.from_pretrained(silentcipher, device="cpu")
     )

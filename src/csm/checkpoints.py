@@ -54,8 +54,9 @@ def load_csm(
     checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
     if checkpoint.quantization is not None:
         raise CheckpointError(
-            f"{checkpoint.path} is quantized ({checkpoint.quantization}) and has no plain weights: "
-            "load it with CSM.from_pretrained"
+            f"{checkpoint.path} is quantized ({checkpoint.quantization}) and has no plain weights, which "
+            "fine-tuning (quantized training is not supported), merging and saving need: use the unquantized "
+            "model; to generate from this folder, load it with CSM.from_pretrained"
         )
     return build_model(
         checkpoint.config, checkpoint.stored, device=torch.device(device or "cpu"), dtype=dtype or torch.float32

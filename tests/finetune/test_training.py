@@ -138,3 +138,18 @@ def test_generator_samples_leave_the_model_cache_free(assets, tmp_path):
         Generator(model, Mimi.from_pretrained(assets.mimi), load_tokenizer(model_source=assets.model))
         assert model.cache_rows == 1
     assert model.cache_rows == 0
+
+
+def test_a_quantized_model_is_refused_with_what_to_do(assets, tmp_path, capsys):
+    """Quantized (QLoRA-style) training is not supported: a `csm quantize` folder as the base
+    model fails in one line that says what to do."""
+    from csm.checkpoints import load_csm
+    from csm.quantized_checkpoint import save_quantized
+
+    quantized = save_quantized(load_csm(assets.model), tmp_path / "int8", "int8", source=assets.model)
+    status = main(["finetune", str(assets.clips), "-o", str(tmp_path / "out"), *cli_sources(assets),
+                   "--model", str(quantized), "--cache-dir", str(assets.codes)])  # fmt: skip
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "quantized training is not supported" in error and "use the unquantized model" in error
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
