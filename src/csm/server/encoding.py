@@ -10,6 +10,7 @@ the bare samples: 24 kHz, signed 16-bit little-endian, mono.
 from __future__ import annotations
 
 import struct
+from abc import ABC, abstractmethod
 
 import av
 import numpy as np
@@ -36,11 +37,12 @@ _CODECS = {
 _UNKNOWN_SIZE = 0xFFFFFFFF
 
 
-class Encoder:
+class Encoder(ABC):
     """Turns mono float chunks into the bytes of one response; `finish` returns the tail."""
 
+    @abstractmethod
     def encode(self, audio: torch.Tensor) -> bytes:
-        raise NotImplementedError
+        """The bytes that `audio` (the next chunk) adds to the response."""
 
     def finish(self) -> bytes:
         return b""
