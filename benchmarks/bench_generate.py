@@ -119,7 +119,8 @@ def main() -> None:
     (whole,) = best_of(args.repeats, lambda: generate_seconds(generator, max_ms))
     first, last = best_of(args.repeats, lambda: stream_seconds(generator, max_ms))
     (with_cache,) = best_of(
-        args.repeats, lambda: conversation_seconds(lambda: Generator(model, mimi, tokenizer, watermarker), args.turns, max_ms)
+        args.repeats,
+        lambda: conversation_seconds(lambda: Generator(model, mimi, tokenizer, watermarker), args.turns, max_ms),
     )
     (without_cache,) = best_of(
         args.repeats,

@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     converse.set_defaults(run=_converse, stream=False)
 
     watermark = commands.add_parser("watermark", help="watermark tools")
-    watermark_commands = watermark.add_subparsers(title="commands", required=True, metavar="COMMAND", parser_class=_Parser)
+    watermark_commands = watermark.add_subparsers(
+        title="commands", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     check = watermark_commands.add_parser(
         "check",
         help="say whether audio files carry the watermark",
@@ -110,8 +112,19 @@ def _parser() -> argparse.ArgumentParser:
         "Exit status 0 when all are watermarked, 1 when any is not, 2 on errors.",
     )
     check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files (wav, flac, ogg, ...)")
-    check.add_argument("--watermarker", default="sony/silentcipher", metavar="SOURCE", help="watermark weights: hub repo, folder or file")
-    check.add_argument("--watermark-key", type=_key, default=None, metavar="K1,...,K5", help="the 5-byte key (default: CSM's public key)")
+    check.add_argument(
+        "--watermarker",
+        default="sony/silentcipher",
+        metavar="SOURCE",
+        help="watermark weights: hub repo, folder or file",
+    )
+    check.add_argument(
+        "--watermark-key",
+        type=_key,
+        default=None,
+        metavar="K1,...,K5",
+        help="the 5-byte key (default: CSM's public key)",
+    )
     check.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     check.set_defaults(run=_check)
 
@@ -178,17 +191,36 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_output(command: argparse.ArgumentParser, batch: str = "") -> None:
     command.add_argument(
-        "-o", "--output", required=True, metavar="PATH",
+        "-o",
+        "--output",
+        required=True,
+        metavar="PATH",
         help=f"audio file to write (.wav, .flac or .ogg), or '-' for raw 16-bit 24 kHz mono PCM on stdout{batch}",
     )
 
 
 def _add_sources(command: argparse.ArgumentParser, *, watermarker: bool = True) -> None:
-    command.add_argument("--model", default="sesame/csm-1b", metavar="SOURCE", help="CSM weights: hub repo, folder or file")
-    command.add_argument("--mimi", default="kyutai/moshiko-pytorch-bf16", metavar="SOURCE", help="Mimi codec weights: hub repo, folder or file")
-    command.add_argument("--tokenizer", metavar="SOURCE", help="text tokenizer: hub repo, folder or tokenizer.json (default: the model's)")
+    command.add_argument(
+        "--model", default="sesame/csm-1b", metavar="SOURCE", help="CSM weights: hub repo, folder or file"
+    )
+    command.add_argument(
+        "--mimi",
+        default="kyutai/moshiko-pytorch-bf16",
+        metavar="SOURCE",
+        help="Mimi codec weights: hub repo, folder or file",
+    )
+    command.add_argument(
+        "--tokenizer",
+        metavar="SOURCE",
+        help="text tokenizer: hub repo, folder or tokenizer.json (default: the model's)",
+    )
     if watermarker:
-        command.add_argument("--watermarker", default="sony/silentcipher", metavar="SOURCE", help="watermark weights: hub repo, folder or file")
+        command.add_argument(
+            "--watermarker",
+            default="sony/silentcipher",
+            metavar="SOURCE",
+            help="watermark weights: hub repo, folder or file",
+        )
 
 
 def _add_generation(command: argparse.ArgumentParser, default_seconds: float) -> None:
@@ -196,28 +228,37 @@ def _add_generation(command: argparse.ArgumentParser, default_seconds: float) ->
     command.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (default 0.9)")
     command.add_argument("--topk", type=int, default=50, help="sample among the K most likely codes (default 50)")
     command.add_argument(
-        "--max-seconds", type=float, default=default_seconds, metavar="S",
+        "--max-seconds",
+        type=float,
+        default=default_seconds,
+        metavar="S",
         help=f"longest audio per chunk or turn, in seconds (default {default_seconds:g})",
     )
     command.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    command.add_argument("--dtype", help="CSM number format: float32, bfloat16 or float16 (default: best for the device)")
+    command.add_argument(
+        "--dtype", help="CSM number format: float32, bfloat16 or float16 (default: best for the device)"
+    )
     _add_speed(command)
     _add_sources(command)
     command.add_argument(
         "--adapter", metavar="SOURCE", help="a fine-tuned LoRA adapter (PEFT format): hub repo, folder or file"
     )
     command.add_argument("--no-watermark", action="store_true", help="do not watermark the output")
-    command.add_argument("--watermark-key", type=_key, default=None, metavar="K1,...,K5", help="your own 5-byte watermark key")
+    command.add_argument(
+        "--watermark-key", type=_key, default=None, metavar="K1,...,K5", help="your own 5-byte watermark key"
+    )
 
 
 def _add_speed(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "--quantize", choices=("int8", "int4"),
+        "--quantize",
+        choices=("int8", "int4"),
         help="weight-only quantization of CSM's linears (bfloat16 activations): faster and smaller, "
         "slightly different output; a folder from `csm quantize` is quantized already",
     )
     command.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="compile CSM's frame step with torch.compile (the first frame waits for the compiler)",
     )
 
@@ -400,7 +441,11 @@ def _add_batch(say: argparse.ArgumentParser) -> None:
         "Each line is one utterance of at most --max-seconds; a line without a seed gets --seed plus its index",
     )
     say.add_argument(
-        "--max-batch", type=_positive, default=8, metavar="N", help="with --batch: utterances generated together (default 8)"
+        "--max-batch",
+        type=_positive,
+        default=8,
+        metavar="N",
+        help="with --batch: utterances generated together (default 8)",
     )
 
 
@@ -518,7 +563,9 @@ def _batch_lines(path: Path, args: argparse.Namespace) -> list[dict]:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{where}: {name} must be a non-negative integer, got {value!r}")
         if entry["voice"] is not None and entry["voice"] not in VOICE_TRANSCRIPTS:
-            raise ValueError(f"{where}: unknown voice {entry['voice']!r}: built-in voices are {', '.join(VOICE_TRANSCRIPTS)}")
+            raise ValueError(
+                f"{where}: unknown voice {entry['voice']!r}: built-in voices are {', '.join(VOICE_TRANSCRIPTS)}"
+            )
         lines.append(entry)
     if not lines:
         raise ValueError(f"batch file {path} has no text")
@@ -605,22 +652,30 @@ def _add_bench(commands) -> None:
         "teacher-forced predictions against the unquantized --dtype model, with float32 as the noise floor.",
     )
     bench.add_argument(
-        "--quantize", metavar="MODES",
+        "--quantize",
+        metavar="MODES",
         help="comma-separated modes to measure: fp32, bf16, fp16 (unquantized), int8, int4 (weight-only, "
         "bfloat16 activations) (default: the --dtype model, int8 and int4; a `csm quantize` folder: its format)",
     )
     bench.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="also run each mode with its frame step compiled by torch.compile (the warm-up includes the compilation)",
     )
-    bench.add_argument("--frames", type=int, default=25, metavar="N", help="timed frames per mode (default 25: 2 s of audio)")
     bench.add_argument(
-        "--quality", action="store_true",
+        "--frames", type=int, default=25, metavar="N", help="timed frames per mode (default 25: 2 s of audio)"
+    )
+    bench.add_argument(
+        "--quality",
+        action="store_true",
         help="also compare each mode's predictions with the reference's on a fixed prompt (the model's "
         "built-in voices, else synthetic audio): top-1 agreement and KL divergence per codebook",
     )
     bench.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    bench.add_argument("--dtype", help="float32, bfloat16 or float16: the reference, and the default mode (default: best for the device)")
+    bench.add_argument(
+        "--dtype",
+        help="float32, bfloat16 or float16: the reference, and the default mode (default: best for the device)",
+    )
     _add_sources(bench, watermarker=False)
     bench.set_defaults(run=_bench)
 
@@ -660,15 +715,23 @@ def _bench(args: argparse.Namespace) -> int:
         scored = [mode for mode in modes if not mode.compile]
         # The reference and the noise floor are scored even when their speed is not asked for.
         measured = {mode.format for mode in modes}
-        scored_only = [Mode(each) for each in dict.fromkeys([dtype, torch.float32]) if Mode(each).format not in measured]
+        scored_only = [
+            Mode(each) for each in dict.fromkeys([dtype, torch.float32]) if Mode(each).format not in measured
+        ]
     scored_frames = 0 if sequence is None else len(sequence.scored)
     total = len(modes) * (WARMUP_FRAMES + args.frames) + (len(scored) + len(scored_only)) * scored_frames
     results, logits = [], {}
     with tqdm(total=total, desc="bench", unit="frame", file=sys.stderr) as bar:
         for mode in modes:
             result = benchmark(
-                mode, model=args.model, mimi=mimi, tokenizer=tokenizer, device=device,
-                frames=args.frames, sequence=sequence if mode in scored else None, progress=bar,
+                mode,
+                model=args.model,
+                mimi=mimi,
+                tokenizer=tokenizer,
+                device=device,
+                frames=args.frames,
+                sequence=sequence if mode in scored else None,
+                progress=bar,
             )
             results.append(result)
             if result.logits is not None:
@@ -679,9 +742,14 @@ def _bench(args: argparse.Namespace) -> int:
     headers = ["mode", "load s", "warm-up s", "first audio s", "s/frame", "real-time factor", "resident GB", "peak GB"]
     rows = [
         [
-            result.mode.name, f"{result.load_seconds:.1f}", f"{result.warmup_seconds:.2f}",
-            f"{result.first_audio_seconds:.3f}", f"{result.seconds_per_frame:.3f}", f"{result.real_time_factor:.2f}",
-            _gigabytes(result.resident_bytes), _gigabytes(result.peak_bytes),
+            result.mode.name,
+            f"{result.load_seconds:.1f}",
+            f"{result.warmup_seconds:.2f}",
+            f"{result.first_audio_seconds:.3f}",
+            f"{result.seconds_per_frame:.3f}",
+            f"{result.real_time_factor:.2f}",
+            _gigabytes(result.resident_bytes),
+            _gigabytes(result.peak_bytes),
         ]
         for result in results
     ]
@@ -703,8 +771,11 @@ def _print_quality(logits: dict, reference: str, frames: int, source: str) -> No
     headers = ["mode", "top-1 codebook 0", "top-1 codebooks 1-31", "worst codebook", "mean KL (nats)"]
     rows = [
         [
-            name, f"{agreement.top1_backbone:.1%}", f"{agreement.top1_depth:.1%}",
-            f"{float(agreement.top1.min()):.1%} ({int(agreement.top1.argmin())})", f"{agreement.kl_mean:.2e}",
+            name,
+            f"{agreement.top1_backbone:.1%}",
+            f"{agreement.top1_depth:.1%}",
+            f"{float(agreement.top1.min()):.1%} ({int(agreement.top1.argmin())})",
+            f"{agreement.kl_mean:.2e}",
         ]
         for name, agreement in compared.items()
     ]
@@ -738,7 +809,9 @@ def _load_generator(args: argparse.Namespace):
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
     watermark = False if args.no_watermark else (args.watermark_key or True)
     if args.compile:
-        print("csm: note: --compile: the first frame waits for the compiler (a minute or more on a CPU)", file=sys.stderr)
+        print(
+            "csm: note: --compile: the first frame waits for the compiler (a minute or more on a CPU)", file=sys.stderr
+        )
     return load_csm_1b(
         device,
         dtype=dtype,
@@ -770,7 +843,14 @@ def _add_finetune_commands(commands) -> None:
         "checkpoint (csm say --model OUT). Quantized (QLoRA) training is not supported.",
     )
     finetune.add_argument("data", type=Path, help="training data: a JSONL manifest or a folder of clips")
-    finetune.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="folder for the result, log, samples and checkpoints")
+    finetune.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="OUT",
+        help="folder for the result, log, samples and checkpoints",
+    )
     for name, default, help_text in (
         ("--model", "sesame/csm-1b", "CSM weights to start from: hub repo, folder or file"),
         ("--mimi", "kyutai/moshiko-pytorch-bf16", "Mimi codec weights: hub repo, folder or file"),
@@ -784,35 +864,84 @@ def _add_finetune_commands(commands) -> None:
     finetune.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default 2 x rank)")
     finetune.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
     finetune.add_argument(
-        "--targets", type=lambda text: tuple(text.split(",")), default=DEFAULT_TARGETS, metavar="NAMES",
+        "--targets",
+        type=lambda text: tuple(text.split(",")),
+        default=DEFAULT_TARGETS,
+        metavar="NAMES",
         help=f"comma-separated LoRA targets in both the backbone and the depth decoder (default {','.join(DEFAULT_TARGETS)}; "
         f"known: {','.join(LAYER_TARGETS + HEAD_TARGETS)})",
     )
     finetune.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 for LoRA, 2e-5 with --full)")
     finetune.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
     finetune.add_argument("--steps", type=int, help="optimizer steps to run instead of --epochs")
-    finetune.add_argument("--batch-frames", type=int, default=2048, metavar="N", help="positions per batch, padding included (default 2048)")
-    finetune.add_argument("--grad-accum", type=int, default=1, metavar="N", help="batches per optimizer step (default 1)")
-    finetune.add_argument("--warmup", type=int, default=10, metavar="STEPS", help="linear warm-up steps before the cosine decay (default 10)")
+    finetune.add_argument(
+        "--batch-frames",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="positions per batch, padding included (default 2048)",
+    )
+    finetune.add_argument(
+        "--grad-accum", type=int, default=1, metavar="N", help="batches per optimizer step (default 1)"
+    )
+    finetune.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        metavar="STEPS",
+        help="linear warm-up steps before the cosine decay (default 10)",
+    )
     finetune.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     finetune.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")
     finetune.add_argument(
-        "--decoder-frame-ratio", type=float, default=1 / 16, metavar="R",
+        "--decoder-frame-ratio",
+        type=float,
+        default=1 / 16,
+        metavar="R",
         help="share of each sequence's frames the depth decoder learns from (default 1/16; at least one, end of audio always)",
     )
-    finetune.add_argument("--c0-weight", type=float, default=1.0, help="weight of the backbone (codebook 0) term (default 1)")
-    finetune.add_argument("--decoder-weight", type=float, default=1.0, help="weight of the depth-decoder term (default 1)")
-    finetune.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA init and frame choice (default 0)")
-    finetune.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="a broken data entry fails the run (default) or is skipped with a message")
-    finetune.add_argument("--cache-dir", type=Path, metavar="DIR", help="where Mimi codes are cached (default ~/.cache/csm/codes)")
+    finetune.add_argument(
+        "--c0-weight", type=float, default=1.0, help="weight of the backbone (codebook 0) term (default 1)"
+    )
+    finetune.add_argument(
+        "--decoder-weight", type=float, default=1.0, help="weight of the depth-decoder term (default 1)"
+    )
+    finetune.add_argument(
+        "--seed", type=int, default=0, help="seed of the data order, LoRA init and frame choice (default 0)"
+    )
+    finetune.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a broken data entry fails the run (default) or is skipped with a message",
+    )
+    finetune.add_argument(
+        "--cache-dir", type=Path, metavar="DIR", help="where Mimi codes are cached (default ~/.cache/csm/codes)"
+    )
     evaluation = finetune.add_mutually_exclusive_group()
     evaluation.add_argument("--eval", type=Path, metavar="DATA", help="evaluation data, in either form")
-    evaluation.add_argument("--eval-split", type=float, metavar="F", help="hold out this share of the conversations for evaluation")
-    finetune.add_argument("--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (always at the end)")
-    finetune.add_argument("--save-every", type=int, metavar="STEPS", help="save a resumable checkpoint every STEPS steps")
-    finetune.add_argument("--samples", type=int, default=4, metavar="N", help="eval prompts spoken into OUT/samples at each eval (default 4)")
-    finetune.add_argument("--sample-seconds", type=float, default=10.0, metavar="S", help="length limit of each sample (default 10)")
-    finetune.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue exactly from OUT/checkpoint of an earlier run")
+    evaluation.add_argument(
+        "--eval-split", type=float, metavar="F", help="hold out this share of the conversations for evaluation"
+    )
+    finetune.add_argument(
+        "--eval-every", type=int, metavar="STEPS", help="evaluate every STEPS steps (always at the end)"
+    )
+    finetune.add_argument(
+        "--save-every", type=int, metavar="STEPS", help="save a resumable checkpoint every STEPS steps"
+    )
+    finetune.add_argument(
+        "--samples",
+        type=int,
+        default=4,
+        metavar="N",
+        help="eval prompts spoken into OUT/samples at each eval (default 4)",
+    )
+    finetune.add_argument(
+        "--sample-seconds", type=float, default=10.0, metavar="S", help="length limit of each sample (default 10)"
+    )
+    finetune.add_argument(
+        "--resume", type=Path, metavar="CHECKPOINT", help="continue exactly from OUT/checkpoint of an earlier run"
+    )
     finetune.set_defaults(run=_finetune)
 
     merge = commands.add_parser(
@@ -826,7 +955,9 @@ def _add_finetune_commands(commands) -> None:
     merge.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="folder to write")
     merge.add_argument("--layout", choices=LAYOUTS, default="original", help="checkpoint layout (default original)")
     merge.add_argument(
-        "--codec", default="kyutai/mimi", metavar="SOURCE",
+        "--codec",
+        default="kyutai/mimi",
+        metavar="SOURCE",
         help="with --layout transformers and a MODEL without a bundled codec: Mimi in the kyutai/mimi layout",
     )
     merge.set_defaults(run=_merge)
@@ -887,12 +1018,12 @@ def _script_turns(script, path: Path) -> list:
     from csm.longform import Turn
 
     if not isinstance(script, dict) or not isinstance(script.get("turns"), list) or not script["turns"]:
-        raise ValueError(f"{path}: expected an object with a non-empty list \"turns\"")
+        raise ValueError(f'{path}: expected an object with a non-empty list "turns"')
     turns = []
     for index, turn in enumerate(script["turns"]):
         where = f"{path}: turns[{index}]"
         if not isinstance(turn, dict):
-            raise ValueError(f"{where} must be an object with \"speaker\" and \"text\"")
+            raise ValueError(f'{where} must be an object with "speaker" and "text"')
         speaker, text = turn.get("speaker"), turn.get("text")
         if not isinstance(speaker, int) or isinstance(speaker, bool) or speaker < 0:
             raise ValueError(f"{where}.speaker must be a non-negative integer, got {speaker!r}")
@@ -909,7 +1040,7 @@ def _script_prompts(script: dict, path: Path, model: str) -> list:
 
     prompts = script.get("prompts", {})
     if not isinstance(prompts, dict):
-        raise ValueError(f"{path}: \"prompts\" must map speaker ids to prompts")
+        raise ValueError(f'{path}: "prompts" must map speaker ids to prompts')
     segments = []
     for name, prompt in prompts.items():
         where = f"{path}: prompts[{name!r}]"
@@ -922,5 +1053,5 @@ def _script_prompts(script: dict, path: Path, model: str) -> list:
             audio = load_audio(path.parent / prompt["audio"], SAMPLE_RATE)
             segments.append(Segment(speaker=speaker, text=prompt["text"], audio=audio))
         else:
-            raise ValueError(f"{where} must be a voice name or {{\"audio\": FILE, \"text\": TRANSCRIPT}}")
+            raise ValueError(f'{where} must be a voice name or {{"audio": FILE, "text": TRANSCRIPT}}')
     return segments

@@ -74,9 +74,7 @@ def _looks_like_repo_id(source: str) -> bool:
 
 def _download_first(repo_id: str, candidates: Sequence[str], revision: str | None) -> Path:
     if not _looks_like_repo_id(repo_id):
-        raise WeightsNotFoundError(
-            f"{repo_id!r} is neither an existing file or folder nor a hub repo id (owner/name)"
-        )
+        raise WeightsNotFoundError(f"{repo_id!r} is neither an existing file or folder nor a hub repo id (owner/name)")
     not_cached = []
     for name in candidates:
         try:

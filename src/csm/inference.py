@@ -6,6 +6,7 @@ adapter is merged into the plain weights):
 - each layer's q/k/v projections become one product, and so do the MLP's w1 and w3: one
   weight read and one kernel call instead of three or two, with bit-identical outputs
   (each output row is the same dot product whichever matrix holds it);
+- each codebook's head is laid out as rows, for the one-row mat-vec kernel;
 - with `quantize="int8"` or `"int4"`, every linear of the backbone and the depth decoder
   and the projection between them becomes a `csm.quantize.QuantizedLinear`. The
   embeddings and the two heads stay as they are: embeddings are gathered, not multiplied
@@ -75,7 +76,17 @@ def prepare(
             del mlp.w1, mlp.w3
             mlp.w2 = fused(f"{prefix}.mlp.w2")
     model.projection = fused("projection")
+    if not model.audio_head.is_meta:
+        arrange_audio_head(model)
     return model
+
+
+def arrange_audio_head(model: CSM) -> None:
+    """Lay each codebook's head out as rows [V, dim] in memory (the same [K-1, dim, V] values,
+    transposed strides): a one-row product then runs the mat-vec kernel over it, about twice as
+    fast as the general product that the published [dim, V] layout needs."""
+    head = model.audio_head.detach()
+    model.audio_head = nn.Parameter(head.transpose(1, 2).contiguous().transpose(1, 2), requires_grad=False)
 
 
 def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -> nn.Module:

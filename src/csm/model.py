@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csm.errors import CheckpointError
-from csm.llama import FLAVORS, Linear, Llama, LlamaConfig
+from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
 from csm.sampling import sample_topk
 
 
@@ -273,6 +273,8 @@ class CSM(nn.Module):
         """Logits [B, V] of one codebook: the depth decoder over inputs [B, S, backbone dim] at
         positions [B, S], through that codebook's head [decoder dim, V]."""
         hidden = self.decoder(self.projection(inputs), positions, rows)[:, -1]
+        if head.t().is_contiguous():  # laid out as rows by `csm.inference.prepare`
+            return linear(hidden, head.t())
         return torch.mm(hidden, head)
 
     def _check_caches(self, batch_size: int, rows: slice | None) -> slice:

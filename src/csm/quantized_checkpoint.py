@@ -22,7 +22,7 @@ from torch import nn
 from csm import hub
 from csm.checkpoints import CONFIG_FILE, Checkpoint
 from csm.errors import CheckpointError, WeightsNotFoundError
-from csm.inference import prepare, quantized_linear_names
+from csm.inference import arrange_audio_head, prepare, quantized_linear_names
 from csm.model import CSM
 from csm.quantize import INT4_GROUP_SIZE, QuantizedWeight, quantize
 from csm.weights import check_keys_and_shapes
@@ -99,6 +99,7 @@ def build_quantized_model(checkpoint: Checkpoint, *, device: torch.device) -> CS
         if device.type == "cpu":
             _map_embeddings(model, checkpoint.path)
         _materialize(model, read, device)
+        arrange_audio_head(model)
     return model.eval().requires_grad_(False)
 
 

@@ -41,7 +41,9 @@ def voice_file(name: str) -> str:
     return f"prompts/{name}.wav"
 
 
-def load_voice(name: str, speaker: int, model: str | os.PathLike = "sesame/csm-1b", *, revision: str | None = None) -> Segment:
+def load_voice(
+    name: str, speaker: int, model: str | os.PathLike = "sesame/csm-1b", *, revision: str | None = None
+) -> Segment:
     """Voice `name` as a context `Segment` for `speaker`, its audio read from the model repo.
 
     `model` is the model's hub repo or local folder; for a local checkpoint file, the

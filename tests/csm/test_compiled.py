@@ -35,3 +35,17 @@ def test_cuda_generates_in_every_mode(folder, quantize):
         tokens[None].cuda(), mask[None].cuda(), torch.arange(5, device="cuda")[None], temperature=0.9, topk=50
     )
     assert frame.shape == (1, 32) and ((frame >= 0) & (frame < 2051)).all()
+
+
+def test_a_compiled_bf16_row_product_runs_the_eager_mat_vec_kernel():
+    """Inductor would lower torch.mv to a general product (oneDNN's, half the speed for one row,
+    and rounded differently); `csm::matrix_vector` keeps the eager kernel, bit for bit."""
+    from csm.llama import linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 384, generator=generator).to(torch.bfloat16)
+    x = torch.randn(1, 1, 384, generator=generator).to(torch.bfloat16)
+    compiled = torch.compile(linear, dynamic=False)
+    assert torch.equal(compiled(x, weight), linear(x, weight))
+    graph = torch._dynamo.explain(linear)(x, weight).graphs[0]
+    assert "csm.matrix_vector" in str(graph.code)

@@ -50,9 +50,7 @@ def moshi_shapes() -> dict[str, tuple[int, ...]]:
 
     channels = FILTERS
     conv("encoder.model.0", channels, 1, 7)
-    for conv_index, block_index, stride in zip(
-        ENCODER_CONVS[1:-1], ENCODER_BLOCKS, reversed(RATIOS), strict=True
-    ):
+    for conv_index, block_index, stride in zip(ENCODER_CONVS[1:-1], ENCODER_BLOCKS, reversed(RATIOS), strict=True):
         block(f"encoder.model.{block_index}", channels)
         conv(f"encoder.model.{conv_index}", channels * 2, channels, 2 * stride)
         channels *= 2
@@ -201,9 +199,7 @@ def moshi_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     out = {hf: state[moshi].clone() for moshi, hf in _name_pairs()}
     for side in ("encoder", "decoder"):
         for layer in range(LAYERS):
-            q, k, v = state[f"{side}_transformer.transformer.layers.{layer}.self_attn.in_proj_weight"].chunk(
-                3
-            )
+            q, k, v = state[f"{side}_transformer.transformer.layers.{layer}.self_attn.in_proj_weight"].chunk(3)
             prefix = f"{side}_transformer.layers.{layer}.self_attn"
             out[f"{prefix}.q_proj.weight"] = _to_rotate_half(q)
             out[f"{prefix}.k_proj.weight"] = _to_rotate_half(k)

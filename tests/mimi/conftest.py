@@ -12,9 +12,7 @@ from tests.factories.mimi import transformers_to_moshi, write_moshi_checkpoint
 
 # A small Mimi that keeps what matters for exactness: the real strides (1920 samples per
 # frame), head_dim 64, the 250-step window and 2048-entry codebooks.
-TINY = MimiConfig(
-    num_filters=8, dim=128, num_layers=2, num_heads=2, ffn_dim=256, codebook_dim=32, num_codebooks=8
-)
+TINY = MimiConfig(num_filters=8, dim=128, num_layers=2, num_heads=2, ffn_dim=256, codebook_dim=32, num_codebooks=8)
 
 
 def tiny_transformers_config():

@@ -40,8 +40,7 @@ def test_folder_with_the_official_file_name(tmp_path, moshi_checkpoint, mimi):
 
 def test_codec_inside_a_transformers_csm_checkpoint(tmp_path, mimi):
     state = {
-        f"codec_model.{name}": tensor
-        for name, tensor in moshi_to_transformers(random_moshi_state_dict(0)).items()
+        f"codec_model.{name}": tensor for name, tensor in moshi_to_transformers(random_moshi_state_dict(0)).items()
     }
     state["backbone_model.norm.weight"] = torch.ones(8)
     save_file(state, tmp_path / "model.safetensors")
@@ -49,9 +48,7 @@ def test_codec_inside_a_transformers_csm_checkpoint(tmp_path, mimi):
 
 
 def test_sharded_csm_checkpoint_reads_only_the_codec_shard(tmp_path, mimi):
-    codec = {
-        f"codec_model.{name}": t for name, t in moshi_to_transformers(random_moshi_state_dict(0)).items()
-    }
+    codec = {f"codec_model.{name}": t for name, t in moshi_to_transformers(random_moshi_state_dict(0)).items()}
     save_file(codec, tmp_path / "model-00002-of-00002.safetensors")
     weight_map = {name: "model-00002-of-00002.safetensors" for name in codec}
     weight_map["backbone_model.norm.weight"] = "model-00001-of-00002.safetensors"  # never opened

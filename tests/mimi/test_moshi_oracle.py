@@ -50,9 +50,7 @@ def test_streaming_decode_frame_by_frame(mimi, moshi):
 
 
 def test_streaming_encode_frame_by_frame(mimi, moshi):
-    frames = torch.split(
-        0.1 * torch.randn(2, 1, 3 * 1920, generator=torch.Generator().manual_seed(2)), 1920, dim=-1
-    )
+    frames = torch.split(0.1 * torch.randn(2, 1, 3 * 1920, generator=torch.Generator().manual_seed(2)), 1920, dim=-1)
     with torch.no_grad(), moshi.streaming(2):
         expected = torch.cat([moshi.encode(frame) for frame in frames], dim=-1)
     stream = mimi.encode_stream(batch_size=2)

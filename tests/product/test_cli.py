@@ -18,8 +18,16 @@ FRAME = 1920
 
 def _sources(assets) -> list[str]:
     return [
-        "--model", str(assets.model), "--mimi", str(assets.mimi), "--watermarker", str(assets.watermarker),
-        "--device", "cpu", "--dtype", "float32",
+        "--model",
+        str(assets.model),
+        "--mimi",
+        str(assets.mimi),
+        "--watermarker",
+        str(assets.watermarker),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
     ]
 
 
@@ -33,14 +41,29 @@ def _exit_status(argv: list[str]) -> int:
 def _csm(*args: str, stdin: str | None = None, **environment: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", "import sys; from csm.cli import main; sys.exit(main())", *args]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", **environment}
-    return subprocess.run(command, input=stdin.encode() if stdin else None, capture_output=True, env=environment, timeout=300, check=False)
+    return subprocess.run(
+        command, input=stdin.encode() if stdin else None, capture_output=True, env=environment, timeout=300, check=False
+    )
 
 
 def test_say_writes_a_readable_file_and_one_summary_line(assets, tmp_path):
     output = tmp_path / "out.wav"
     done = _csm(
-        "say", "Hello there. How are you?", "-o", str(output), "--seed", "1", "--max-seconds", "0.24",
-        "--voice", "conversational_a", "--context", str(assets.voice_audio), "Some words.", "--context-speaker", "1",
+        "say",
+        "Hello there. How are you?",
+        "-o",
+        str(output),
+        "--seed",
+        "1",
+        "--max-seconds",
+        "0.24",
+        "--voice",
+        "conversational_a",
+        "--context",
+        str(assets.voice_audio),
+        "Some words.",
+        "--context-speaker",
+        "1",
         *_sources(assets),
     )
     assert done.returncode == 0, done.stderr.decode()
@@ -61,10 +84,14 @@ def test_say_streams_raw_pcm_of_text_from_stdin(assets):
 def test_converse_renders_the_turns_after_their_prompts(assets, tmp_path):
     script = tmp_path / "script.json"
     save_audio(tmp_path / "b.wav", speech_like(0.3, seed=9), 24_000)
-    script.write_text(json.dumps({
-        "prompts": {"0": "conversational_b", "1": {"audio": "b.wav", "text": "What b says."}},
-        "turns": [{"speaker": 0, "text": "Hey how are you doing?"}, {"speaker": 1, "text": "Pretty good."}],
-    }))
+    script.write_text(
+        json.dumps(
+            {
+                "prompts": {"0": "conversational_b", "1": {"audio": "b.wav", "text": "What b says."}},
+                "turns": [{"speaker": 0, "text": "Hey how are you doing?"}, {"speaker": 1, "text": "Pretty good."}],
+            }
+        )
+    )
     output = tmp_path / "conversation.flac"
     done = _csm("converse", str(script), "-o", str(output), "--seed", "2", "--max-seconds", "0.16", *_sources(assets))
     assert done.returncode == 0, done.stderr.decode()
@@ -80,14 +107,26 @@ def test_watermark_check_answers_per_file_and_by_exit_status(assets, watermarker
     save_audio(plain, audio, 24_000)
     expected = {path: watermarker.verify(*read_audio(path)) for path in (marked, plain)}
 
-    done = _csm("watermark", "check", str(marked), str(plain), "--watermarker", str(assets.watermarker), "--device", "cpu")
+    done = _csm(
+        "watermark", "check", str(marked), str(plain), "--watermarker", str(assets.watermarker), "--device", "cpu"
+    )
     lines = done.stdout.decode().splitlines()
     assert lines == [f"{'Watermarked' if expected[path] else 'Not watermarked'}: {path}" for path in (marked, plain)]
     assert done.returncode == (0 if all(expected.values()) else 1)
 
 
 def test_info_shows_versions_device_and_where_each_artifact_is(assets):
-    done = _csm("info", "--model", str(assets.model), "--mimi", str(assets.mimi), "--watermarker", str(assets.watermarker), "--device", "cpu")
+    done = _csm(
+        "info",
+        "--model",
+        str(assets.model),
+        "--mimi",
+        str(assets.mimi),
+        "--watermarker",
+        str(assets.watermarker),
+        "--device",
+        "cpu",
+    )
     assert done.returncode == 0, done.stderr.decode()
     text = done.stdout.decode()
     assert "torch " in text and "device: cpu, CSM dtype: bfloat16" in text
@@ -139,7 +178,10 @@ def bad_audio(tmp_path):
         (["say", "Hi.", "-o", "{tmp}/a.wav", "--context", "{tmp}/none.wav", "words"], "does not exist"),
         (["say", "Hi.", "-o", "{tmp}/a.wav", "--context", "{nan}", "words"], "NaN or infinite"),
         (["say", "Hi.", "-o", "{tmp}/a.wav", "--model", "{tmp}/no-model"], "neither an existing file"),
-        (["say", "Hi.", "-o", "{tmp}/a.wav", "--context", "{long}", "words", "--max-seconds", "90"], "context too long"),
+        (
+            ["say", "Hi.", "-o", "{tmp}/a.wav", "--context", "{long}", "words", "--max-seconds", "90"],
+            "context too long",
+        ),
         (["converse", "{tmp}/none.json", "-o", "{tmp}/a.wav"], "does not exist"),
         (["watermark", "check", "{tmp}/none.wav"], "does not exist"),
     ],

@@ -60,7 +60,9 @@ def test_the_watermark_changes_the_audio_only_slightly(generator, plain_generato
 
 def test_streamed_chunks_join_to_the_generated_audio(generator, plain_generator):
     context = [Segment(speaker=0, text="Earlier words.", audio=speech_like(0.25))]
-    chunks = list(plain_generator.generate_stream("Hello.", 1, context, max_audio_length_ms=320, seed=5, chunk_frames=3))
+    chunks = list(
+        plain_generator.generate_stream("Hello.", 1, context, max_audio_length_ms=320, seed=5, chunk_frames=3)
+    )
     assert [chunk.numel() for chunk in chunks] == [3 * FRAME, FRAME]
     assert all(chunk.dtype == torch.float32 for chunk in chunks)
     streamed = torch.cat(chunks)
@@ -125,7 +127,9 @@ def test_too_long_a_context_says_by_how_much(plain_generator):
     context = [Segment(0, "Long.", torch.zeros(75 * 24_000))]
     length = plain_generator.prompt_length("Hi.", 0, context)
     budget = 2048 - 1125 - 1
-    with pytest.raises(ValueError, match=rf"takes {length} positions.*shorten the context by {length - budget} positions"):
+    with pytest.raises(
+        ValueError, match=rf"takes {length} positions.*shorten the context by {length - budget} positions"
+    ):
         plain_generator.generate("Hi.", 0, context)
     assert len(text_frames(plain_generator._tokenizer, "Hi.", 0)[0]) < length
 

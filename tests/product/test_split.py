@@ -13,7 +13,12 @@ def test_short_sentences_share_a_chunk_up_to_the_limit():
 
 def test_sentence_ends_after_closing_quotes_and_ellipses():
     text = 'He said "stop." Then he left\u2026 Nobody (not even me.) followed.'
-    assert split_sentences(text, max_chars=25) == ['He said "stop."', "Then he left\u2026", "Nobody (not even me.)", "followed."]
+    assert split_sentences(text, max_chars=25) == [
+        'He said "stop."',
+        "Then he left\u2026",
+        "Nobody (not even me.)",
+        "followed.",
+    ]
 
 
 def test_long_sentences_are_cut_at_clauses_then_spaces():

@@ -157,11 +157,7 @@ def _assemble_codebooks(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dic
             stats.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = tensor
     for group, books in stats.items():
         if sorted(books) != list(range(len(books))) or any(len(b) != 2 for b in books.values()):
-            raise CheckpointError(
-                f"{group}: incomplete codebooks (need embedding_sum and cluster_usage for each)"
-            )
-        entries = [
-            b["embedding_sum"] / b["cluster_usage"].clamp(min=1e-5)[:, None] for _, b in sorted(books.items())
-        ]
+            raise CheckpointError(f"{group}: incomplete codebooks (need embedding_sum and cluster_usage for each)")
+        entries = [b["embedding_sum"] / b["cluster_usage"].clamp(min=1e-5)[:, None] for _, b in sorted(books.items())]
         out[f"{group}.codebooks"] = torch.stack(entries).to(dtype)
     return out
