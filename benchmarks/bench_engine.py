@@ -1,8 +1,9 @@
 """The continuous-batching engine: throughput by concurrency, time to first audio, voice cache.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_engine.py [--frames 12] [--concurrency 1,2,4,8,16] [--tiny]
+    flock /tmp/csm-heavy.lock python benchmarks/bench_engine.py [--frames 12] [--concurrency 1,2,4,8,16] [--quantize int8|int4] [--tiny]
 
-Random weights of CSM-1B's size in bfloat16 (a tiny CSM in float32 with --tiny), a full-size
+Random weights of CSM-1B's size in bfloat16 (weight-only int8/int4 with --quantize; a tiny CSM
+in float32 with --tiny), in the inference form `CSM.from_pretrained` gives, and a full-size
 Mimi, no watermark (the engine streams unwatermarked audio). Random weights never sample the
 end of speech, so every request runs to `--frames` frames. Reports:
 - for N concurrent requests (submitted together to an engine of N rows): frames per second
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12, help="frames per request (80 ms each)")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of concurrent requests")
     parser.add_argument("--voice-seconds", type=float, default=10.0, help="length of the cached voice prompt")
+    parser.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized CSM (bf16 activations)")
     parser.add_argument("--tiny", action="store_true", help="a tiny CSM in float32 instead of CSM-1B's size in bf16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/csm-bench-engine"))
     args = parser.parse_args()
@@ -132,10 +134,10 @@ def main() -> None:
         write_moshi_checkpoint(mimi_file)
     tokenizer = load_tokenizer(write_tiny_tokenizer(args.workdir / "tokenizer.json"))
     config, dtype = (tiny_config(), torch.float32) if args.tiny else (CSMConfig(), torch.bfloat16)
-    model = random_csm(config, dtype)
+    model = random_csm(config, dtype, quantize=args.quantize)
     mimi = Mimi.from_pretrained(mimi_file)
     generator = Generator(model, mimi, tokenizer)
-    size = "tiny CSM, fp32" if args.tiny else "CSM-1B size, bf16"
+    size = "tiny CSM, fp32" if args.tiny else f"CSM-1B size, {args.quantize or 'bf16'}"
     print(f"random weights ({size}), Mimi full size fp32, {torch.get_num_threads()} CPU threads, {args.frames} frames")
 
     max_ms = args.frames * 80

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csm import CSM, Generator, Mimi, Segment, Watermarker
+from csm.inference import prepare
 from csm.model import CSMConfig
 from csm.text import load_tokenizer
 from tests.factories.csm import tiny_config
@@ -37,8 +38,9 @@ MIMI_CODES = 2048
 TEXTS = ["Hey how are you doing?", "Pretty good, pretty good.", "I'm great, thanks.", "Me too, this is cool."]
 
 
-def random_csm(config: CSMConfig, dtype: torch.dtype, seed: int = 0) -> CSM:
-    """CSM with O(1) activations whose top-k never holds the codes Mimi cannot decode."""
+def random_csm(config: CSMConfig, dtype: torch.dtype, seed: int = 0, quantize: str | None = None) -> CSM:
+    """CSM with O(1) activations whose top-k never holds the codes Mimi cannot decode, in the
+    inference form that `CSM.from_pretrained` gives (fused, and quantized with `quantize`)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = CSM(config)
@@ -55,7 +57,7 @@ def random_csm(config: CSMConfig, dtype: torch.dtype, seed: int = 0) -> CSM:
                 parameter.normal_(std=fan_in**-0.5)
         model.codebook0_head.weight[MIMI_CODES:] = 0
         model.audio_head[..., MIMI_CODES:] = 0
-    return model.eval().requires_grad_(False)
+    return prepare(model.eval().requires_grad_(False), quantize)
 
 
 def best_of(repeats: int, measure) -> tuple[float, ...]:

@@ -13,6 +13,7 @@ from tests.server.test_bad_input import multipart
 from tests.server.test_speech import SAMPLES
 
 KEY = "test-key-0123"
+ORIGIN = "http://page.example"
 LONG = {
     "model": "csm-1b",
     "input": "A long story.",
@@ -25,7 +26,20 @@ LONG = {
 @pytest.fixture(scope="module")
 def guarded(assets, tmp_path_factory):
     folder = tmp_path_factory.mktemp("guarded")
-    servers = [start_server(assets, folder, "--max-batch", "1", "--max-queue", "1", "--no-watermark", api_key=KEY)]
+    servers = [
+        start_server(
+            assets,
+            folder,
+            "--max-batch",
+            "1",
+            "--max-queue",
+            "1",
+            "--no-watermark",
+            "--cors-origin",
+            ORIGIN,
+            api_key=KEY,
+        )
+    ]
     # A test may restart the server on the same folder; the last one is stopped here.
     yield servers
     assert servers[-1].stop() in (0, 130), servers[-1].log.read_text()
@@ -46,6 +60,27 @@ def test_every_endpoint_but_health_needs_the_key(guarded):
             assert json.loads(body)["error"]["code"] == "invalid_api_key"
     assert server.call("GET", "/v1/models")[0] == 200
     assert "API key: required" in server.log.read_text()
+
+
+def test_cors_lets_the_named_origin_in_and_no_other(guarded, server):
+    """A browser's preflight carries no key; the real request still needs one."""
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    status, headers, _ = guarded[-1].call("OPTIONS", "/v1/audio/speech", headers=preflight, key=None)
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in headers["access-control-allow-headers"].lower()
+    status, headers, _ = guarded[-1].call("GET", "/v1/models", headers={"Origin": ORIGIN})
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    status, headers, _ = guarded[-1].call("GET", "/v1/models", headers={"Origin": ORIGIN}, key=None)
+    assert status == 401 and headers["access-control-allow-origin"] == ORIGIN
+    status, headers, _ = guarded[-1].call("GET", "/v1/models", headers={"Origin": "http://other.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    # Without --cors-origin, no origin is let in.
+    status, headers, _ = server.call("GET", "/v1/models", headers={"Origin": ORIGIN})
+    assert status == 200 and "access-control-allow-origin" not in headers
 
 
 def test_the_openai_client_sends_the_key(guarded):
