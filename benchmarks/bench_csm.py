@@ -191,7 +191,8 @@ def ours_seconds_per_frame(model: CSM, frames: int) -> float:
 
 
 def transformers_model(model: CSM):
-    """transformers' CSM sharing our fp32 weights (q/k rows permuted into its layout)."""
+    """transformers' CSM sharing the fp32 weights of `model`, in the published layout (q/k rows
+    permuted into its own)."""
     from transformers import CsmForConditionalGeneration
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.csm.modeling_csm import CsmBackboneModelEmbeddings, CsmRotaryEmbedding
@@ -202,6 +203,10 @@ def transformers_model(model: CSM):
     with torch.device("meta"):
         oracle = CsmForConditionalGeneration(transformers_config(model.config))
     oracle.load_state_dict(to_transformers_layout(model.config, model.state_dict()), strict=False, assign=True)
+    # Its codec (Mimi) stays empty: generating codes does not use it.
+    missing = [name for name, p in oracle.named_parameters() if p.is_meta and not name.startswith("codec_model.")]
+    if missing:
+        raise ValueError(f"transformers' CSM got no weights for {missing[:3]}...: pass the published layout")
     # Buffers that are not in a state dict were built on the meta device: compute them.
     for module in oracle.modules():
         if isinstance(module, CsmRotaryEmbedding):
@@ -221,11 +226,15 @@ def transformers_seconds_per_frame(oracle, config: CSMConfig, frames: int) -> fl
     input_ids = text_prompt(config)[0][..., -1]
     options = {"do_sample": False, "depth_decoder_do_sample": False}
     torch.manual_seed(0)
+    # Random weights can give an all-zero frame, transformers' end of speech: with no code
+    # equal to -1 it runs every frame, as ours does here.
+    oracle.config.codebook_eos_token_id = -1
     oracle.generate(input_ids=input_ids, max_new_tokens=WARMUP_FRAMES, **options)
     start = time.perf_counter()
     codes = oracle.generate(input_ids=input_ids, max_new_tokens=frames, **options)
-    # Generated frames [1, T, 32]; random weights practically never emit the all-zero frame.
-    return (time.perf_counter() - start) / codes.shape[1]
+    if codes.shape[1] != frames:
+        raise RuntimeError(f"transformers generated {codes.shape[1]} frames, not {frames}")
+    return (time.perf_counter() - start) / frames
 
 
 def main() -> None:
@@ -276,9 +285,10 @@ def main() -> None:
     rows = []
     model = CSM.from_pretrained(directory)
     rows.append(("csm fp32", ours_seconds_per_frame(model, args.frames)))
-    oracle = transformers_model(model)
-    rows.append(("transformers fp32", transformers_seconds_per_frame(oracle, model.config, args.frames)))
-    del oracle, model
+    del model
+    oracle = transformers_model(load_csm(directory))
+    rows.append(("transformers fp32", transformers_seconds_per_frame(oracle, CSMConfig(), args.frames)))
+    del oracle
     # The published layout, as fine-tuning holds it: what the fused products gain.
     model = load_csm(directory, dtype=torch.bfloat16)
     rows.append(("csm bf16, unfused (load_csm)", ours_seconds_per_frame(model, args.frames)))

@@ -400,13 +400,16 @@ class Engine:
         """Decode this turn's frames to audio in one Mimi step and hand each to its request.
 
         Every request with a Mimi row makes a frame each turn until it ends, so every row in
-        use advances together; a request gets a fresh row at its first frame.
+        use advances together; a request gets a fresh row at its first frame, the lowest free
+        one, and the step decodes the rows up to the highest in use only.
         """
         for active, _ in frames:
             if active.audio_row is None:
-                active.audio_row = self._free_audio_rows.pop()
+                active.audio_row = min(self._free_audio_rows)
+                self._free_audio_rows.remove(active.audio_row)
                 self._audio.reset([active.audio_row])
-        codes = torch.zeros(self.max_batch, frames[0][1].shape[0], 1, dtype=torch.long, device=frames[0][1].device)
+        rows = 1 + max(active.audio_row for active, _ in frames)
+        codes = torch.zeros(rows, frames[0][1].shape[0], 1, dtype=torch.long, device=frames[0][1].device)
         for active, frame in frames:
             codes[active.audio_row, :, 0] = frame
         try:

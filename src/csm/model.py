@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csm.errors import CheckpointError
+from csm.heap import return_freed_memory
 from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
 from csm.sampling import sample_topk
 
@@ -156,6 +157,7 @@ class CSM(nn.Module):
             # The published layout, adapter merged: the swap to fast modules comes after.
             model = build_model(checkpoint.config, checkpoint.stored, device=device, dtype=dtype)
             model = prepare(model, quantize)
+        return_freed_memory()
         return compile_frame_step(model) if compile else model
 
     def setup_caches(self, batch_size: int) -> None:

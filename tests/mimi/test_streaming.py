@@ -125,3 +125,20 @@ def test_reset_rows_past_the_attention_window(tiny_reference_pair):
 def test_reset_rejects_bad_rows(mimi, rows, error, message):
     with pytest.raises(error, match=message):
         mimi.decode_stream(batch_size=3).reset(rows)
+
+
+def test_a_step_of_the_leading_rows_streams_them_on_alone(mimi):
+    """Rows 0-1 step without row 2 as they would with it; row 2, reset, starts a new stream."""
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 2048, (3, 32, 5), generator=generator)
+    new = torch.randint(0, 2048, (1, 32, 2), generator=generator)
+    whole = stream_frames(mimi.decode_stream(batch_size=3), codes)
+
+    stream = mimi.decode_stream(batch_size=3)
+    first = stream.step(codes[:2, :, :1])  # the first step takes every row, row 2 on silence
+    middle = stream_frames(stream, codes[:2, :, 1:3])
+    assert first.shape == (2, 1, 1920) and middle.shape == (2, 1, 2 * 1920)
+    stream.reset([2])
+    last = stream_frames(stream, torch.cat([codes[:2, :, 3:], new]))
+    assert relative_error(torch.cat([first, middle, last[:2]], dim=-1), whole[:2]) < 1e-5
+    assert relative_error(last[2:], stream_frames(mimi.decode_stream(), new)) < 1e-5

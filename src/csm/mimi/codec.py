@@ -171,6 +171,18 @@ class _DecoderState:
     transformer: TransformerState
     seanet: SEANetState
 
+    def leading(self, rows: int, decoder: SEANetDecoder) -> _DecoderState:
+        """The state of batch rows 0 .. rows-1 alone; `store_leading` takes it back."""
+        return _DecoderState(
+            self.upsample.leading(rows), self.transformer.leading(rows), decoder.leading(self.seanet, rows)
+        )
+
+    def store_leading(self, part: _DecoderState, decoder: SEANetDecoder) -> None:
+        self.upsample.store_leading(part.upsample)
+        self.transformer.store_leading(part.transformer)
+        for conv, conv_part in zip(decoder.conv_states(self.seanet), decoder.conv_states(part.seanet), strict=True):
+            conv.store_leading(conv_part)
+
 
 class EncodeStream:
     """Encodes audio chunk by chunk, with the codes `Mimi.encode` gives for the whole.
@@ -206,7 +218,9 @@ class DecodeStream:
     """Decodes codes frame by frame, with the audio `Mimi.decode` gives for the whole.
 
     `step(codes [B, K, t])` returns audio [B, 1, t * 1920]; `reset()` starts a new stream, and
-    `reset(rows)` a new one in those batch rows only, while the other rows stream on.
+    `reset(rows)` a new one in those batch rows only, while the other rows stream on. A step
+    may also take only the leading rows (codes [n, K, t], n < B), so that a batch with idle
+    rows above its streams pays for the rows in use only.
     """
 
     def __init__(self, mimi: Mimi, batch_size: int):
@@ -223,6 +237,7 @@ class DecodeStream:
             self._state = _DecoderState(
                 ConvState(), mimi.decoder_transformer.new_state(self.batch_size), mimi.decoder.new_state()
             )
+            self._started = False
             return
         index = torch.tensor(self._row_indices(rows), dtype=torch.long, device=mimi.downsample.weight.device)
         self._state.upsample.reset(index)
@@ -241,10 +256,25 @@ class DecodeStream:
 
     @torch.inference_mode()
     def step(self, codes: torch.Tensor) -> torch.Tensor:
+        """Audio [n, 1, t * 1920] of codes [n, K, t] for batch rows 0 .. n-1: every row, or the
+        leading ones only while the rows above stand still. A row left standing has lost its
+        place in the stream: `reset` it before it decodes again."""
         self.mimi._check_codes(codes)
-        if codes.shape[0] != self.batch_size:
-            raise ValueError(f"this stream has batch size {self.batch_size}, got codes of batch {codes.shape[0]}")
-        return self.mimi._decode(codes, self._state)
+        rows, frames = codes.shape[0], codes.shape[-1]
+        if rows > self.batch_size:
+            raise ValueError(f"this stream has batch size {self.batch_size}, got codes of batch {rows}")
+        if rows < self.batch_size and self._started and frames == 1:
+            part = self._state.leading(rows, self.mimi.decoder)
+            audio = self.mimi._decode(codes, part)
+            self._state.store_leading(part, self.mimi.decoder)
+            return audio
+        # Every row: the states take their shapes at the first step, and a chunk of several
+        # frames may grow the transformer's ring. Rows above n decode silence.
+        if rows < self.batch_size:
+            codes = torch.cat([codes, codes.new_zeros(self.batch_size - rows, *codes.shape[1:])])
+        audio = self.mimi._decode(codes, self._state)
+        self._started = True
+        return audio[:rows]
 
 
 def _describe(value: object) -> str:

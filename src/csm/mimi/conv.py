@@ -28,6 +28,15 @@ class ConvState:
         if self.tail is not None:
             self.tail[rows] = 0
 
+    def leading(self, rows: int) -> ConvState:
+        """The state of batch rows 0 .. rows-1 alone (see `store_leading`)."""
+        return ConvState(None if self.tail is None else self.tail[:rows])
+
+    def store_leading(self, part: ConvState) -> None:
+        """Take back a `leading` state after a step of those rows (a pointwise convolution's stays empty)."""
+        if part.tail is not None:
+            self.tail[: part.tail.shape[0]] = part.tail
+
 
 class CausalConv1d(nn.Conv1d):
     """`nn.Conv1d` with causal padding; `pad_mode` is "constant" (zeros) or "replicate"."""

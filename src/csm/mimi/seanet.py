@@ -58,10 +58,28 @@ class _Stack(nn.Module):
 
     def reset_rows(self, state: SEANetState, rows: torch.Tensor) -> None:
         """Start the given batch rows (an index tensor) of `state` afresh; the others go on."""
-        for layer_state in state:
-            for conv_state in layer_state if isinstance(layer_state, list) else [layer_state]:
-                if conv_state is not None:
-                    conv_state.reset(rows)
+        for conv_state in self.conv_states(state):
+            conv_state.reset(rows)
+
+    def conv_states(self, state: SEANetState) -> list[ConvState]:
+        """Every convolution's state in `state`, in layer order."""
+        return [
+            conv_state
+            for layer_state in state
+            for conv_state in (layer_state if isinstance(layer_state, list) else [layer_state])
+            if conv_state is not None
+        ]
+
+    def leading(self, state: SEANetState, rows: int) -> SEANetState:
+        """The state of batch rows 0 .. rows-1 alone (see `ConvState.leading`)."""
+        return [
+            [conv.leading(rows) for conv in layer_state]
+            if isinstance(layer_state, list)
+            else None
+            if layer_state is None
+            else layer_state.leading(rows)
+            for layer_state in state
+        ]
 
     def new_state(self) -> SEANetState:
         """A fresh streaming state: silence (zeros) before the first chunk."""

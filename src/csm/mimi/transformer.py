@@ -41,6 +41,17 @@ class TransformerState:
         self.positions[rows] = 0
         self.slot_positions[rows] = -1
 
+    def leading(self, rows: int) -> TransformerState:
+        """The state of batch rows 0 .. rows-1 alone, views of this one's tensors: a step of it
+        writes its rows here, and `store_leading` takes back where the ring goes next."""
+        caches = [KVCache(cache.keys[:rows], cache.values[:rows]) for cache in self.caches]
+        return TransformerState(caches, self.positions[:rows], self.slot_positions[:rows], self.next_slot)
+
+    def store_leading(self, part: TransformerState) -> None:
+        if part.slots != self.slots:
+            raise RuntimeError("a step of leading rows cannot grow the ring; step every row")
+        self.next_slot = part.next_slot
+
     def make_room(self, slots: int) -> None:
         """Grow the ring to `slots`, oldest step first, so the next writes replace the oldest."""
         if slots <= self.slots:
