@@ -5,7 +5,9 @@ one per row. All go through `Batch`, so that a row computes what it computes alo
 - a prompt is prefilled in its own row, in chunks cut at the end of every context segment and
   every `PREFILL_CHUNK` positions, so a voice prefix copied from the `VoiceCache` is bit for
   bit the state a fresh prefill leaves;
-- only the one-frame steps are batched, each row sampling from its own generator.
+- only one-frame steps are batched, each row sampling from its own generator: the backbone's
+  step of the decoding rows, and the depth decoder's pass, which a row whose prompt just went
+  in joins for its first frame (`feed`, `advance`, `sample`).
 
 The rows of the sequences that decode together must be contiguous (one step covers a range of
 rows): `move` copies a sequence to another row, for keeping them packed at the bottom.
@@ -109,45 +111,62 @@ class Batch:
         None while the prompt is not all in, or when the first frame is the end of speech
         (then `sequence.done` is set).
         """
+        state = self.feed(sequence)
+        return None if state is None else self.sample([sequence], state[None])[0]
+
+    @torch.inference_mode()
+    def feed(self, sequence: Sequence) -> torch.Tensor | None:
+        """Feed the next chunk of the prompt into the backbone; after the last one, return the
+        backbone state its first frame follows ([dim], for `sample`), else None."""
         prompt, start = sequence.prompt, sequence.prefilled
         ends = [length for length, _ in prompt.prefixes if length > start]
         end = min([start + PREFILL_CHUNK, len(prompt), *ends])
         tokens, mask = prompt.tokens[None, start:end], prompt.mask[None, start:end]
         positions = torch.arange(start, end, device=tokens.device)[None]
-        rows = slice(sequence.row, sequence.row + 1)
+        hidden = self.model.backbone_hidden(tokens, mask, positions, slice(sequence.row, sequence.row + 1))
         sequence.prefilled = end
         if end < len(prompt):
-            self.model.backbone_hidden(tokens, mask, positions, rows)
             self._remember(sequence)
             return None
-        sampling = sequence.sampling
-        frame = self.model.generate_frame(
-            tokens, mask, positions, sampling.temperature, sampling.topk, sampling.generator, rows
-        )
-        return sequence.emit(frame[0])
+        return hidden[0, -1]
 
     @torch.inference_mode()
     def decode(self, sequences: Sequential[Sequence]) -> list[torch.Tensor | None]:
         """One frame for each decoding sequence, in one step; their rows must be contiguous, in order."""
-        rows = slice(sequences[0].row, sequences[-1].row + 1)
-        if [sequence.row for sequence in sequences] != list(range(rows.start, rows.stop)):
-            raise ValueError("sequences decoded together must be in contiguous rows, in order")
+        return self.sample(sequences, self.advance(sequences))
+
+    @torch.inference_mode()
+    def advance(self, sequences: Sequential[Sequence]) -> torch.Tensor:
+        """Feed each decoding sequence its last frame, in one backbone step: the states [n, dim]
+        their next frames follow (for `sample`)."""
+        rows = self._rows(sequences)
         frames = torch.stack([sequence.last for sequence in sequences])
         # Each frame becomes its row's next position: 32 audio slots set, the text slot empty.
         tokens = torch.cat([frames, frames.new_zeros(len(frames), 1)], dim=1)[:, None]
         mask = torch.ones_like(tokens, dtype=torch.bool)
         mask[..., -1] = False
         positions = torch.tensor([[sequence.written] for sequence in sequences], device=frames.device)
-        frames = self.model.generate_frame(
-            tokens,
-            mask,
-            positions,
+        return self.model.backbone_hidden(tokens, mask, positions, rows)[:, -1]
+
+    @torch.inference_mode()
+    def sample(self, sequences: Sequential[Sequence], states: torch.Tensor) -> list[torch.Tensor | None]:
+        """The next frame of each sequence (contiguous rows, in order) from its backbone state
+        (states [n, dim]), in one depth-decoder pass: what each `emit`s."""
+        frames = self.model.sample_frame(
+            states,
             [sequence.sampling.temperature for sequence in sequences],
             [sequence.sampling.topk for sequence in sequences],
             [sequence.sampling.generator for sequence in sequences],
-            rows,
+            self._rows(sequences),
         )
         return [sequence.emit(frame) for sequence, frame in zip(sequences, frames, strict=True)]
+
+    @staticmethod
+    def _rows(sequences: Sequential[Sequence]) -> slice:
+        rows = slice(sequences[0].row, sequences[-1].row + 1)
+        if [sequence.row for sequence in sequences] != list(range(rows.start, rows.stop)):
+            raise ValueError("sequences stepped together must be in contiguous rows, in order")
+        return rows
 
     @torch.inference_mode()
     def move(self, sequence: Sequence, row: int) -> None:

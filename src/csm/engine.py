@@ -6,9 +6,11 @@
             play(chunk)
 
 One worker thread owns the generator's model. Each turn of its loop it admits a waiting request
-into the row above the decoding ones, steps every decoding row by one frame in one batched
-call, feeds one chunk of the prompt being prefilled (so a long prompt stalls the others for
-about one frame per chunk, not for all of it), decodes the new frames to audio in one
+into the row above the decoding ones, runs the backbone's step of every decoding row in one
+batched call, feeds one chunk of the prompt being prefilled (so a long prompt stalls the others
+for about one frame per chunk, not for all of it), samples the frames of the decoding rows and,
+once its prompt is all in, the first frame of the new one in one depth-decoder pass (a
+first frame costs a chunk of prefill, not a frame step of its own), decodes them to audio in one
 batched streaming Mimi step (a request keeps its Mimi row from its first frame to its end) for
 the requests' handles, and frees the rows of finished, failed and cancelled requests, moving the
 last decoding row into each hole so that one step covers them all. A request computes exactly what `Generator.generate` computes for it alone:
@@ -333,10 +335,15 @@ class Engine:
             self._admit(incoming)
         self._drop_cancelled()
         self._release()
-        # The decoding rows step first: a prompt that is all in joins them for the next turn.
-        frames = self._decode() if self._decoding else []
+        stepping, states = self._advance()
+        # The decoding rows step first; a prompt that is all in joins their depth-decoder pass
+        # for its first frame (its row is the one above them), then decodes with them.
         if self._prefilling is not None:
-            frames += self._prefill()
+            state = self._feed()
+            if state is not None:
+                stepping.append(self._prefilling)
+                states.append(state[None])
+        frames = self._sample(stepping, states) if stepping else []
         if frames:
             self._speak(frames)
         self._release()
@@ -369,32 +376,50 @@ class Engine:
             self._end(self._prefilling.stream)
             self._prefilling = None
 
-    def _prefill(self) -> list[tuple[_Active, torch.Tensor]]:
-        """One chunk of the prompt being prefilled: its first frame, once the prompt is in."""
+    def _advance(self) -> tuple[list[_Active], list[torch.Tensor]]:
+        """The decoding rows' backbone step: the rows and their states, or none if it failed."""
+        if not self._decoding:
+            return [], []
+        try:
+            states = self._batch.advance([active.sequence for active in self._decoding])
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
+            self._fail(self._decoding, error)
+            return [], []
+        return list(self._decoding), [states]
+
+    def _feed(self) -> torch.Tensor | None:
+        """One chunk of the prompt being prefilled: the state its first frame follows, once all in."""
         active = self._prefilling
         try:
-            frame = self._batch.prefill(active.sequence)
-        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
-            active.sequence.done = True
-            frame, active.stream.error = None, error
-        if active.sequence.done and frame is None:
+            return self._batch.feed(active.sequence)
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this request only
             self._prefilling = None
-            self._end(active.stream, active.stream.error)
-        elif active.sequence.last is not None:
-            self._prefilling = None
-            self._decoding.append(active)
-        return [] if frame is None else [(active, frame)]
+            self._end(active.stream, error)
+            return None
 
-    def _decode(self) -> list[tuple[_Active, torch.Tensor]]:
-        """One frame for every decoding row, in one step."""
+    def _sample(self, stepping: list[_Active], states: list[torch.Tensor]) -> list[tuple[_Active, torch.Tensor]]:
+        """One depth-decoder pass for every row that stepped: their frames."""
         try:
-            frames = self._batch.decode([active.sequence for active in self._decoding])
+            frames = self._batch.sample([active.sequence for active in stepping], torch.cat(states))
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
-            for active in self._decoding:
-                active.sequence.done = True
-                active.stream.error = error
-            return []
-        return [(active, frame) for active, frame in zip(self._decoding, frames, strict=True) if frame is not None]
+            frames = [None] * len(stepping)
+            self._fail(stepping, error)
+        prefilling = self._prefilling
+        if prefilling is not None and stepping[-1] is prefilling:
+            # Its first frame is out, or it ended (end of speech at once, or a failure).
+            self._prefilling = None
+            if prefilling.sequence.done and frames[-1] is None:
+                self._end(prefilling.stream, prefilling.stream.error)
+            else:
+                self._decoding.append(prefilling)
+        return [(active, frame) for active, frame in zip(stepping, frames, strict=True) if frame is not None]
+
+    @staticmethod
+    def _fail(rows: list[_Active], error: BaseException) -> None:
+        """Mark the requests of `rows` failed; `_release` ends them."""
+        for active in rows:
+            active.sequence.done = True
+            active.stream.error = error
 
     def _speak(self, frames: list[tuple[_Active, torch.Tensor]]) -> None:
         """Decode this turn's frames to audio in one Mimi step and hand each to its request.

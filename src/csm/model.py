@@ -251,9 +251,23 @@ class CSM(nn.Module):
         """
         rows = self._check_caches(tokens.shape[0], rows)
         last_hidden = self.backbone_hidden(tokens, tokens_mask, input_pos, rows)[:, -1]
-        return self._depth_decode(last_hidden, temperature, topk, generator, rows)
+        return self.sample_frame(last_hidden, temperature, topk, generator, rows)
 
-    def _depth_decode(self, last_hidden, temperature, topk, generator, rows: slice) -> torch.Tensor:
+    @torch.inference_mode()
+    def sample_frame(
+        self,
+        last_hidden: torch.Tensor,
+        temperature: float | Sequence[float],
+        topk: int | Sequence[int],
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+        rows: slice | None = None,
+    ) -> torch.Tensor:
+        """The frame that follows backbone states last_hidden [B, dim]: codes [B, 32] int64.
+
+        The second half of `generate_frame`, for a caller that ran the backbone itself, such as
+        an engine that gives a row its first frame in the same depth-decoder pass as the others.
+        """
+        rows = self._check_caches(last_hidden.shape[0], rows)
         first = sample_topk(self.codebook0_head(last_hidden), topk, temperature, generator)
         codes = [first]
         # No decoder cache reset is needed: positions restart at 0 and every slot a position

@@ -28,7 +28,7 @@ def test_the_reference_call_runs_unchanged(generator):
 
 def test_an_all_zero_frame_ends_speech_and_is_not_emitted(plain_generator, monkeypatch):
     model = plain_generator._model
-    sample = model.generate_frame
+    sample = model.sample_frame
     calls = []
 
     def speak_three_frames(*args, **kwargs):
@@ -36,7 +36,7 @@ def test_an_all_zero_frame_ends_speech_and_is_not_emitted(plain_generator, monke
         calls.append(frame)
         return torch.zeros_like(frame) if len(calls) > 3 else frame
 
-    monkeypatch.setattr(model, "generate_frame", speak_three_frames)
+    monkeypatch.setattr(model, "sample_frame", speak_three_frames)
     audio = plain_generator.generate("Hello.", 0, [], max_audio_length_ms=10_000, seed=0)
     assert audio.numel() == 3 * FRAME
     assert len(calls) == 4
