@@ -200,6 +200,7 @@ class Attention(nn.Module):
         k = apply_rope(k, rope)
         # Without a cache (training) the sequence attends to itself.
         keys, values = (k, v) if self.cache is None else self.cache.update(input_pos, k, v, rows)
+        keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]  # the slots the mask covers
         # Query head h reads kv head h // groups: fold each kv head's group of query heads into
         # the sequence axis instead of repeating the cache for every query head (the mask is
         # repeated likewise, once for all layers).
@@ -298,7 +299,13 @@ class Llama(nn.Module):
         """
         if self.has_caches:
             rows = slice(0, x.shape[0]) if rows is None else rows
-            mask = (self.slots <= input_pos.unsqueeze(-1)).unsqueeze(1)
+            slots = self.slots
+            if x.device.type == "cpu" and not torch.compiler.is_compiling():
+                # No position attends past the furthest one: attention skips the cache's slots
+                # beyond it (reading the position back costs nothing on a CPU; compiled graphs
+                # and GPUs keep their static shapes).
+                slots = slots[: int(input_pos.max()) + 1]
+            mask = (slots <= input_pos.unsqueeze(-1)).unsqueeze(1)
             rope = self.rope[input_pos]
         else:
             mask = (input_pos.unsqueeze(-2) <= input_pos.unsqueeze(-1)).unsqueeze(1)
