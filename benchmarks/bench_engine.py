@@ -1,6 +1,6 @@
 """The continuous-batching engine: throughput by concurrency, time to first audio, voice cache.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_engine.py [--frames 12] [--concurrency 1,2,4,8,16] [--quantize int8|int4] [--tiny]
+    python benchmarks/bench_engine.py [--frames 12] [--concurrency 1,2,4,8,16] [--quantize int8|int4] [--tiny]
 
 Random weights of CSM-1B's size in bfloat16 (weight-only int8/int4 with --quantize; a tiny CSM
 in float32 with --tiny), in the inference form `CSM.from_pretrained` gives, and a full-size

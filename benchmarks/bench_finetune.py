@@ -1,6 +1,6 @@
 """One LoRA training step of CSM-1B (full size, random weights): ours against transformers + PEFT.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_finetune.py [--seconds 10] [--threads N]
+    python benchmarks/bench_finetune.py [--seconds 10] [--threads N]
 
 Both sides hold the same random fp32 weights, LoRA rank 16 on q/k/v/o and the MLPs of the
 backbone and the depth decoder, and train on the same conversation (a short text, then

@@ -1,6 +1,6 @@
 """`csm bench --quality` on full-size random weights: the README's speed and agreement figures.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_quality.py [--workdir DIR] [csm bench options...]
+    python benchmarks/bench_quality.py [--workdir DIR] [csm bench options...]
 
 Writes once, into `--workdir`: a CSM-1B-sized checkpoint of random fp32 weights in the
 original layout (6.2 GB, as `bench_csm.py` writes it, then with the heads of the three codes

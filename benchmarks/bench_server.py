@@ -1,6 +1,6 @@
 """`csm serve` under concurrent streaming clients, against the engine called directly.
 
-    flock /tmp/csm-heavy.lock python benchmarks/bench_server.py [--seconds 5] [--concurrency 1,4,8] [--tiny]
+    python benchmarks/bench_server.py [--seconds 5] [--concurrency 1,4,8] [--tiny]
 
 Random weights of CSM-1B's size in bfloat16, a full-size Mimi and random watermark weights of
 the real size (random weights never sample the end of speech, so every utterance runs to
