@@ -5,15 +5,17 @@
         for chunk in handle:  # 1-D float32 at 24 kHz, as frames are decoded
             play(chunk)
 
-One worker thread owns the generator's model. Each turn of its loop it admits a waiting request
-into the row above the decoding ones, runs the backbone's step of every decoding row in one
-batched call, feeds one chunk of the prompt being prefilled (so a long prompt stalls the others
-for about one frame per chunk, not for all of it), samples the frames of the decoding rows and,
-once its prompt is all in, the first frame of the new one in one depth-decoder pass (a
-first frame costs a chunk of prefill, not a frame step of its own), decodes them to audio in one
-batched streaming Mimi step (a request keeps its Mimi row from its first frame to its end) for
-the requests' handles, and frees the rows of finished, failed and cancelled requests, moving the
-last decoding row into each hole so that one step covers them all. A request computes exactly what `Generator.generate` computes for it alone:
+One worker thread owns the generator's model. Each turn of its loop it admits the waiting
+requests that rows are free for into the rows above the decoding ones, runs the backbone's step
+of every decoding row in one batched call, and feeds the prompts being prefilled their next
+chunk, in order, until a chunk's worth of positions went in (so a burst of short prompts starts
+together, and a long prompt stalls the others for about one frame per chunk, not for all of
+it). It samples the frames of the decoding rows and the first frames of the prompts now all in
+in one depth-decoder pass (a first frame costs a chunk of prefill, not a frame step of its
+own), decodes them to audio in one batched streaming Mimi step (a request keeps its Mimi row
+from its first frame to its end) for the requests' handles, and frees the rows of finished,
+failed and cancelled requests, moving the last decoding row into each hole so that one step
+covers them all. A request computes exactly what `Generator.generate` computes for it alone:
 see `csm.batching`.
 
 Requests come from any thread or asyncio loop; those beyond the rows wait in a bounded queue.
@@ -232,7 +234,7 @@ class Engine:
         self._started = time.monotonic()
         # Only the worker touches these.
         self._decoding: list[_Active] = []  # in rows 0 .. n-1, in order
-        self._prefilling: _Active | None = None  # in row n
+        self._prefilling: list[_Active] = []  # in rows n, n+1, ..., in order
         self._thread = threading.Thread(target=self._work, name="csm-engine", daemon=True)
         self._thread.start()
 
@@ -321,28 +323,38 @@ class Engine:
                     self._lock.wait()
                 if self._closed:
                     break
-                admit = self._prefilling is None and len(self._decoding) < self.max_batch and self._queue
-                incoming = self._queue.popleft() if admit else None
+                # Every waiting request that a row is free for.
+                free = self.max_batch - len(self._decoding) - len(self._prefilling)
+                incoming = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
             try:
                 self._turn(incoming)
             except Exception as error:  # noqa: BLE001 -- a bug or an exhausted device: fail what runs, keep serving
                 self._fail_all(error)
         self._fail_all(EngineClosedError("the engine was closed before this request finished"))
 
-    def _turn(self, incoming: _Stream | None) -> None:
-        """One turn: admit, one batched frame, one prefill chunk, audio out, rows freed."""
-        if incoming is not None:
-            self._admit(incoming)
+    def _turn(self, incoming: list[_Stream]) -> None:
+        """One turn: admit, one batched frame, prefill chunks, audio out, rows freed."""
+        for stream in incoming:
+            self._admit(stream)
         self._drop_cancelled()
         self._release()
         stepping, states = self._advance()
-        # The decoding rows step first; a prompt that is all in joins their depth-decoder pass
-        # for its first frame (its row is the one above them), then decodes with them.
-        if self._prefilling is not None:
-            state = self._feed()
-            if state is not None:
-                stepping.append(self._prefilling)
-                states.append(state[None])
+        # The decoding rows step first. The prompts being prefilled get their next chunk in
+        # order until a chunk's worth of positions went in this turn, so a burst of short
+        # prompts starts together while a long one still stalls the others for about one chunk.
+        # A prompt that is all in joins the decoding rows' depth-decoder pass for its first
+        # frame (its row is right above theirs), then decodes with them.
+        fed = 0
+        for active in list(self._prefilling):
+            if fed >= batching.PREFILL_CHUNK:
+                break
+            start = active.sequence.prefilled
+            state = self._feed(active)
+            if state is None:  # not all in yet, or failed: the rows above are not contiguous
+                break
+            fed += active.sequence.prefilled - start
+            stepping.append(active)
+            states.append(state[None])
         frames = self._sample(stepping, states) if stepping else []
         if frames:
             self._speak(frames)
@@ -362,19 +374,19 @@ class Engine:
                 rng = torch.Generator(generator.device)
                 rng.seed()
                 sampling = replace(sampling, generator=rng)
-            sequence = self._batch.start(prompt, sampling, len(self._decoding))
+            sequence = self._batch.start(prompt, sampling, len(self._decoding) + len(self._prefilling))
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             self._end(stream, error)
             return
-        self._prefilling = _Active(stream, sequence)
+        self._prefilling.append(_Active(stream, sequence))
 
     def _drop_cancelled(self) -> None:
         for active in self._decoding:
             if active.stream.cancelled:
                 active.sequence.done = True
-        if self._prefilling is not None and self._prefilling.stream.cancelled:
-            self._end(self._prefilling.stream)
-            self._prefilling = None
+        for active in [active for active in self._prefilling if active.stream.cancelled]:
+            self._prefilling.remove(active)
+            self._end(active.stream)
 
     def _advance(self) -> tuple[list[_Active], list[torch.Tensor]]:
         """The decoding rows' backbone step: the rows and their states, or none if it failed."""
@@ -387,13 +399,12 @@ class Engine:
             return [], []
         return list(self._decoding), [states]
 
-    def _feed(self) -> torch.Tensor | None:
-        """One chunk of the prompt being prefilled: the state its first frame follows, once all in."""
-        active = self._prefilling
+    def _feed(self, active: _Active) -> torch.Tensor | None:
+        """The next chunk of a prompt being prefilled: the state its first frame follows, once all in."""
         try:
             return self._batch.feed(active.sequence)
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this request only
-            self._prefilling = None
+            self._prefilling.remove(active)
             self._end(active.stream, error)
             return None
 
@@ -404,14 +415,14 @@ class Engine:
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             frames = [None] * len(stepping)
             self._fail(stepping, error)
-        prefilling = self._prefilling
-        if prefilling is not None and stepping[-1] is prefilling:
-            # Its first frame is out, or it ended (end of speech at once, or a failure).
-            self._prefilling = None
-            if prefilling.sequence.done and frames[-1] is None:
-                self._end(prefilling.stream, prefilling.stream.error)
-            else:
-                self._decoding.append(prefilling)
+        for active, frame in zip(stepping, frames, strict=True):
+            if active in self._prefilling:
+                # Its first frame is out, or it ended (end of speech at once, or a failure).
+                self._prefilling.remove(active)
+                if active.sequence.done and frame is None:
+                    self._end(active.stream, active.stream.error)
+                else:
+                    self._decoding.append(active)
         return [(active, frame) for active, frame in zip(stepping, frames, strict=True) if frame is not None]
 
     @staticmethod
@@ -460,7 +471,7 @@ class Engine:
             active.stream.put(audio[active.audio_row].clone())
 
     def _release(self) -> None:
-        """End the finished rows and pack the others into rows 0 .. n-1, the prefilling one above."""
+        """End the finished rows and pack the others into rows 0 .. n-1, the prefilling ones above."""
         for active in self._decoding:
             if active.sequence.done:
                 self._end(active.stream, active.stream.error)
@@ -469,9 +480,11 @@ class Engine:
         by_sequence = {id(active.sequence): active for active in self._decoding}
         packed = self._batch.pack([active.sequence for active in self._decoding])
         self._decoding = [by_sequence[id(sequence)] for sequence in packed]
-        prefilling = self._prefilling
-        if prefilling is not None and prefilling.sequence.row != len(self._decoding):
-            self._batch.move(prefilling.sequence, len(self._decoding))
+        # Rows only ever free up below a prompt being prefilled, so each moves down, in order,
+        # into a row that is free by then.
+        for row, active in enumerate(self._prefilling, start=len(self._decoding)):
+            if active.sequence.row != row:
+                self._batch.move(active.sequence, row)
 
     def _end(self, stream: _Stream, error: BaseException | None = None) -> None:
         """Release a request that held a row (or was admitted): finished, failed or cancelled.
@@ -499,8 +512,8 @@ class Engine:
             self._lock.notify_all()
 
     def _fail_all(self, error: BaseException) -> None:
-        running = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
-        self._decoding, self._prefilling = [], None
+        running = [*self._decoding, *self._prefilling]
+        self._decoding, self._prefilling = [], []
         self._free_audio_rows = list(range(self.max_batch))
         for active in running:
             self._end(active.stream, error)
