@@ -8,8 +8,8 @@ Mimi, no watermark (the engine streams unwatermarked audio). Random weights neve
 end of speech, so every request runs to `--frames` frames. Reports:
 - for N concurrent requests (submitted together to an engine of N rows): frames per second
   over the whole run (prefills included), its ratio to N = 1, the mean and worst time to first
-  audio, and what one turn costs apart: the CSM step of N rows and the Mimi step of N rows, so
-  that the rest of a turn is prefill and the engine's own overhead;
+  audio, the wall time, and what a turn's steps cost apart: the CSM step of N rows and the
+  Mimi step of N rows (the rest of a turn is prefill and the engine's own overhead);
 - the voice cache: time to first audio of a request with a 10 s voice prompt when the voice
   is new and when it is cached (one request at a time), with the cache off for comparison;
 - bf16 batching agreement: for 8 seeded requests made together by `generate_batch`, the first
@@ -143,7 +143,7 @@ def main() -> None:
     max_ms = args.frames * 80
     print(
         f"\n{'concurrent':>10} {'frames/s':>9} {'vs 1':>6} {'TTFA mean s':>12} {'TTFA max s':>11} "
-        f"{'CSM step s':>11} {'Mimi step s':>12} {'engine turn s':>14}"
+        f"{'CSM step s':>11} {'Mimi step s':>12} {'wall s':>7}"
     )
     first_audio_seconds(generator, Request("Warm up.", 0, (), 240, seed=0))
     base = None
@@ -154,11 +154,9 @@ def main() -> None:
         csm_step, mimi_step = step_seconds(generator, level)
         rate = level * args.frames / wall
         base = base or rate
-        # Frames come one per turn, and each request's prefill takes a turn of its own.
-        turn = wall / (args.frames + level - 1)
         print(
             f"{level:>10} {rate:>9.2f} {rate / base:>5.2f}x {statistics.mean(firsts):>12.2f} {max(firsts):>11.2f} "
-            f"{csm_step:>11.3f} {mimi_step:>12.3f} {turn:>14.3f}",
+            f"{csm_step:>11.3f} {mimi_step:>12.3f} {wall:>7.2f}",
             flush=True,
         )
 
