@@ -72,6 +72,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+# Keys per block of PyTorch's CPU flash attention (its kvSplitSize for caches of 512 slots or more).
+_ATTENTION_BLOCK = 512
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -301,10 +305,13 @@ class Llama(nn.Module):
             rows = slice(0, x.shape[0]) if rows is None else rows
             slots = self.slots
             if x.device.type == "cpu" and not torch.compiler.is_compiling():
-                # No position attends past the furthest one: attention skips the cache's slots
-                # beyond it (reading the position back costs nothing on a CPU; compiled graphs
-                # and GPUs keep their static shapes).
-                slots = slots[: int(input_pos.max()) + 1]
+                # No position attends past the furthest one: attention skips the cache's whole
+                # blocks of slots beyond it. Whole blocks of the CPU flash-attention kernel's own
+                # size, so that its reduction runs in the same blocks and rounds as over the whole
+                # cache (a cut inside a block changes bf16 results). Reading the position back
+                # costs nothing on a CPU; compiled graphs and GPUs keep their static shapes.
+                blocks = -(-(int(input_pos.max()) + 1) // _ATTENTION_BLOCK)
+                slots = slots[: blocks * _ATTENTION_BLOCK]
             mask = (slots <= input_pos.unsqueeze(-1)).unsqueeze(1)
             rope = self.rope[input_pos]
         else:

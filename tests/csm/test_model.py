@@ -187,3 +187,21 @@ def test_bf16_generation_leaves_the_global_kernel_choice_alone():
     frames = generate(model, tokens[None], mask[None], torch.arange(3)[None], 2, temperature=1.0, topk=1)
     assert torch.backends.mkldnn.enabled == enabled
     assert frames.shape == (1, 2, 32) and ((frames >= 0) & (frames < 2051)).all()
+
+
+def test_attention_over_the_leading_cache_blocks_equals_the_whole_cache_bit_for_bit():
+    """`Llama.forward` on the CPU attends over whole 512-slot blocks up to the furthest position:
+    the flash kernel then reduces in the same blocks, so bf16 results equal the whole cache's."""
+    from csm.llama import _ATTENTION_BLOCK
+
+    generator = torch.Generator().manual_seed(0)
+    slots, used = 4 * _ATTENTION_BLOCK, 40
+    q = torch.randn(2, 2, 8, 64, generator=generator).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, slots, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    mask = (torch.arange(slots) < used).expand(2, 1, 8, slots)
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    cut = _ATTENTION_BLOCK
+    leading = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :cut], v[:, :, :cut], attn_mask=mask[..., :cut]
+    )
+    assert torch.equal(leading, whole)
