@@ -10,17 +10,22 @@ from csm.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvState
 
 
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
-@pytest.mark.parametrize("steps", [7, 400], ids=["short", "long"])  # channels-first and time-major paths
-def test_causal_conv_pads_on_the_left_and_completes_the_last_window(pad_mode, steps):
+@pytest.mark.parametrize(("kernel", "stride"), [(4, 2), (1, 1)], ids=["strided", "pointwise"])
+# Up to 512 output steps a product over the input's windows, beyond that oneDNN time-major.
+@pytest.mark.parametrize("steps", [7, 1400], ids=["windows", "time-major"])
+def test_causal_conv_pads_on_the_left_and_completes_the_last_window(pad_mode, kernel, stride, steps):
     torch.manual_seed(0)
-    conv = CausalConv1d(8, 6, 4, 2, pad_mode=pad_mode)
+    conv = CausalConv1d(8, 6, kernel, stride, pad_mode=pad_mode)
     x = torch.randn(2, 8, steps)
-    expected = F.conv1d(F.pad(x, (2, steps % 2), mode=pad_mode), conv.weight, conv.bias, stride=2)
+    padded = F.pad(x, (kernel - stride, -steps % stride), mode=pad_mode)
+    expected = F.conv1d(padded, conv.weight, conv.bias, stride=stride)
     with torch.no_grad():
         assert torch.allclose(conv(x), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize(("groups", "steps"), [(1, 5), (2, 300), (8, 300)], ids=["dense", "grouped", "depthwise"])
+@pytest.mark.parametrize(
+    ("groups", "steps"), [(1, 5), (1, 700), (2, 300), (8, 300)], ids=["dense", "dense-long", "grouped", "depthwise"]
+)
 def test_transposed_conv_equals_pytorch_and_keeps_its_layout(groups, steps):
     torch.manual_seed(1)
     conv = CausalConvTranspose1d(8, 8, 6, 3, groups=groups)
