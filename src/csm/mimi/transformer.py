@@ -89,7 +89,7 @@ def rope_tables_at(positions: torch.Tensor, head_dim: int, base: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, heads, T, head_dim]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [..., B, heads, T, head_dim]."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
@@ -130,8 +130,9 @@ class Attention(nn.Module):
         slots: torch.Tensor | None,
     ) -> torch.Tensor:
         """`slots`: where this chunk's keys and values go in `cache` (streaming only)."""
-        q, k, v = self.in_proj(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.in_proj(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)  # one rotation for both: half the small operations
+        v = qkv[2]
         if cache is not None:
             cache.keys.index_copy_(2, slots, k)
             cache.values.index_copy_(2, slots, v)
