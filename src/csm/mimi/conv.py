@@ -81,7 +81,8 @@ class CausalConv1d(nn.Conv1d):
         layers): one matrix product of the input's windows [B * steps, C * kernel] with the
         weight as [out, C * kernel]. PyTorch's own choice for these shapes (its im2col
         fallback, or oneDNN reordering the weight at every call) takes ~2 ms more per streamed
-        frame. Longer signals: oneDNN runs Mimi's convolutions up to twice as fast time-major
+        frame. Grouped convolutions (the depthwise upsampling) keep PyTorch's own choice below
+        64 steps. Longer signals: oneDNN runs Mimi's convolutions up to twice as fast time-major
         (channels-last); `conv1d` would not keep that layout, so this goes through `conv2d`.
         """
         kernel, stride = self.kernel_size[0], self.stride[0]
