@@ -31,6 +31,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -222,10 +223,7 @@ class Engine:
         self.max_queue = max_queue
         self._generator = generator
         self._mimi = generator.mimi
-        self._audio = generator.mimi.decode_stream(max_batch)
         self._free_audio_rows = list(range(max_batch))
-        self._batch = batching.Batch(generator.model, generator.voices)
-        generator.model.setup_caches(max_batch)
         self._lock = threading.Condition()
         self._queue: deque[_Stream] = deque()
         self._pending = 0  # submitted and not yet released: waiting or in a row
@@ -235,8 +233,14 @@ class Engine:
         # Only the worker touches these.
         self._decoding: list[_Active] = []  # in rows 0 .. n-1, in order
         self._prefilling: list[_Active] = []  # in rows n, n+1, ..., in order
-        self._thread = threading.Thread(target=self._work, name="csm-engine", daemon=True)
+        started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._work, args=(started,), name="csm-engine", daemon=True)
         self._thread.start()
+        try:
+            started.result()
+        except BaseException:
+            generator._release(self)
+            raise
 
     def __enter__(self) -> Engine:  # noqa: PYI034 -- typing.Self needs Python 3.11
         return self
@@ -316,7 +320,17 @@ class Engine:
 
     # The worker thread.
 
-    def _work(self) -> None:
+    def _work(self, started: Future[None]) -> None:
+        # The caches and Mimi's stream state are made here, so that this thread is the only
+        # one whose torch work starts OpenMP workers while the engine runs (see csm.threads).
+        try:
+            self._audio = self._mimi.decode_stream(self.max_batch)
+            self._batch = batching.Batch(self._generator.model, self._generator.voices)
+            self._generator.model.setup_caches(self.max_batch)
+        except BaseException as error:  # noqa: BLE001 -- raised by the constructor
+            started.set_exception(error)
+            return
+        started.set_result(None)
         while True:
             with self._lock:
                 while not (self._closed or self._queue or self._decoding or self._prefilling):

@@ -26,6 +26,7 @@ from csm.devices import default_device, default_dtype
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import audio_frames, load_tokenizer, text_frames
+from csm.threads import run_in_fresh_thread
 from csm.voice_cache import VoiceCache
 from csm.watermark import CSM_KEY, Watermarker
 from csm.watermark.message import check_key
@@ -351,13 +352,19 @@ def load_csm_1b(
     key = _watermark_key(watermark)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if quantize else default_dtype(device))
-    network = CSM.from_pretrained(
-        model, revision=revision, device=device, dtype=dtype, quantize=quantize, compile=compile, adapter=adapter
-    )
-    codec = Mimi.from_pretrained(mimi, device=device, dtype=torch.float32, num_codebooks=32)
-    text_tokenizer = load_tokenizer(tokenizer, model_source=model, revision=revision)
-    marker = Watermarker.from_pretrained(watermarker, device=device) if key else None
-    return Generator(network, codec, text_tokenizer, marker, watermark_key=key or CSM_KEY)
+
+    def load() -> Generator:
+        network = CSM.from_pretrained(
+            model, revision=revision, device=device, dtype=dtype, quantize=quantize, compile=compile, adapter=adapter
+        )
+        codec = Mimi.from_pretrained(mimi, device=device, dtype=torch.float32, num_codebooks=32)
+        text_tokenizer = load_tokenizer(tokenizer, model_source=model, revision=revision)
+        marker = Watermarker.from_pretrained(watermarker, device=device) if key else None
+        return Generator(network, codec, text_tokenizer, marker, watermark_key=key or CSM_KEY)
+
+    # Loading's torch work leaves no OpenMP workers behind on the caller's thread, which may
+    # never use them (an engine or a server generates on threads of their own).
+    return run_in_fresh_thread(load)
 
 
 def _watermark_key(watermark: bool | Sequence[int]) -> tuple[int, ...] | None:

@@ -33,6 +33,7 @@ from csm.server.metrics import Metrics
 from csm.server.protocol import DeletedVoice, Model, ModelList, SpeechRequest, VoiceList
 from csm.server.speech import Plan, SpeechService
 from csm.server.uploads import decode_audio, read_body
+from csm.threads import to_fresh_thread
 from csm.watermark.stream import FRAME_SAMPLES
 
 MODEL_ID = "csm-1b"
@@ -89,10 +90,10 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
             raise APIError(413, "audio_sample is larger than 10 MiB", param="audio_sample", code="file_too_large")
         data = await sample.read()
         try:
-            audio = await asyncio.to_thread(decode_audio, data, "audio_sample", MAX_SAMPLE_SECONDS)
+            audio = await to_fresh_thread(decode_audio, data, "audio_sample", MAX_SAMPLE_SECONDS)
         except ValueError as error:
             raise APIError(400, str(error), param="audio_sample", code="invalid_audio") from None
-        voice = await asyncio.to_thread(service.voices.store.add, name, text, audio)
+        voice = await to_fresh_thread(service.voices.store.add, name, text, audio)
         return JSONResponse(voice.listing().model_dump(), status_code=200)
 
     @api.delete("/v1/audio/voices/{voice_id}")

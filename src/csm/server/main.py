@@ -21,6 +21,7 @@ from csm.generator import load_csm_1b
 from csm.server.app import create_app
 from csm.server.speech import SpeechService
 from csm.server.voices import OPENAI_VOICES, Voices, VoiceStore
+from csm.threads import run_in_fresh_thread
 from csm.voices import VOICE_TRANSCRIPTS, load_voice
 
 log = logging.getLogger("csm.server")
@@ -64,7 +65,7 @@ def serve(options: ServeOptions) -> None:
         compile=options.compile,
         adapter=options.adapter,
     )
-    builtin = _builtin_voices(options.model)
+    builtin = run_in_fresh_thread(_builtin_voices, options.model)  # as loading: see csm.threads
     voices = Voices(builtin, VoiceStore(options.voices_dir))
     log.info(
         "loaded CSM %s (%s%s%s) on %s, Mimi %s, in %.1f s",

@@ -10,7 +10,6 @@ exactly as `Generator.generate` marks it. The CPU-heavy marking runs off the eve
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +25,7 @@ from csm.server.protocol import SpeechRequest
 from csm.server.stretch import TimeStretch, stretch
 from csm.server.uploads import decode_audio
 from csm.server.voices import Voices
+from csm.threads import to_fresh_thread
 from csm.watermark.stream import ClipMarker
 
 MAX_CONTEXT_AUDIO_SECONDS = 30.0
@@ -63,7 +63,7 @@ class SpeechService:
             name = f"context.{index}.audio"
             try:
                 data = base64.b64decode(turn.audio, validate=True)
-                audio = await asyncio.to_thread(decode_audio, data, name, MAX_CONTEXT_AUDIO_SECONDS)
+                audio = await to_fresh_thread(decode_audio, data, name, MAX_CONTEXT_AUDIO_SECONDS)
             except (ValueError, binascii.Error) as error:
                 raise APIError(400, _why(error, name), param=name, code="invalid_audio") from None
             context.append(Segment(speaker=turn.speaker, text=turn.text, audio=audio))
@@ -110,7 +110,7 @@ class SpeechService:
         for piece in await self._marked(marker, rest):
             yield piece
         if marker is not None:
-            for piece in await asyncio.to_thread(marker.finish):
+            for piece in await to_fresh_thread(marker.finish):
                 yield piece
 
     async def whole(self, plan: Plan, first) -> torch.Tensor:
@@ -120,7 +120,7 @@ class SpeechService:
         if plan.speed != 1.0 and audio.numel():
             audio = stretch(audio, plan.speed, self.sample_rate)
         if self.mark is not None and audio.numel():
-            audio = await asyncio.to_thread(self.mark, audio)
+            audio = await to_fresh_thread(self.mark, audio)
         return audio
 
     def input_tokens(self, plan: Plan) -> int:
@@ -166,7 +166,7 @@ class SpeechService:
             return []
         if marker is None:
             return [audio]
-        return await asyncio.to_thread(marker.push, audio)
+        return await to_fresh_thread(marker.push, audio)
 
 
 def _why(error: Exception, name: str) -> str:
