@@ -38,6 +38,7 @@ from csm.batching import PREFILL_CHUNK, Batch
 from csm.engine import Engine, Request
 from csm.model import CSMConfig
 from csm.text import load_tokenizer
+from csm.threads import run_in_fresh_thread
 from tests.factories.csm import tiny_config
 from tests.factories.mimi import write_moshi_checkpoint
 from tests.factories.tokenizer import write_tiny_tokenizer
@@ -134,8 +135,10 @@ def main() -> None:
         write_moshi_checkpoint(mimi_file)
     tokenizer = load_tokenizer(write_tiny_tokenizer(args.workdir / "tokenizer.json"))
     config, dtype = (tiny_config(), torch.float32) if args.tiny else (CSMConfig(), torch.bfloat16)
-    model = random_csm(config, dtype, quantize=args.quantize)
-    mimi = Mimi.from_pretrained(mimi_file)
+    # Built, and measured outside the engine, on threads that end, as `load_csm_1b` loads: the
+    # engine's thread is then the only one holding OpenMP workers (see csm.threads).
+    model = run_in_fresh_thread(random_csm, config, dtype, quantize=args.quantize)
+    mimi = run_in_fresh_thread(Mimi.from_pretrained, mimi_file)
     generator = Generator(model, mimi, tokenizer)
     size = "tiny CSM, fp32" if args.tiny else f"CSM-1B size, {args.quantize or 'bf16'}"
     print(f"random weights ({size}), Mimi full size fp32, {torch.get_num_threads()} CPU threads, {args.frames} frames")
@@ -151,7 +154,7 @@ def main() -> None:
         # An engine of as many rows as requests: its Mimi step decodes every row, in use or not.
         with Engine(generator, max_batch=level, max_queue=0) as engine:
             wall, firsts = serve(engine, [Request(TEXT, i % 2, (), max_ms, seed=i) for i in range(level)])
-        csm_step, mimi_step = step_seconds(generator, level)
+        csm_step, mimi_step = run_in_fresh_thread(step_seconds, generator, level)
         rate = level * args.frames / wall
         base = base or rate
         print(
