@@ -351,6 +351,8 @@ def load_csm_1b(
     """
     key = _watermark_key(watermark)
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:  # the caller's current GPU, not the loading thread's
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or (torch.bfloat16 if quantize else default_dtype(device))
 
     def load() -> Generator:
