@@ -38,3 +38,23 @@ def test_to_fresh_thread_awaits_a_new_thread_each_call():
     first, second = asyncio.run(main())
     assert first is not second
     assert threading.main_thread() not in (first, second)
+
+
+def test_to_fresh_thread_outliving_its_loop_ends_quietly(monkeypatch):
+    release, errors = threading.Event(), []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+
+    def slow() -> str:
+        release.wait(timeout=10)
+        return "late"
+
+    async def main():
+        task = asyncio.create_task(to_fresh_thread(slow))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())  # the loop is closed before the work ends
+    [worker] = [thread for thread in threading.enumerate() if thread.name == "csm-slow"]
+    release.set()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and errors == []

@@ -49,11 +49,13 @@ async def to_fresh_thread(fn: Callable[..., T], *args) -> T:
 
     def run() -> None:
         try:
-            result = fn(*args)
+            outcome = (future.set_result, fn(*args))
         except BaseException as error:  # noqa: BLE001 -- handed to the awaiting task
-            loop.call_soon_threadsafe(settle, future.set_exception, error)
-        else:
-            loop.call_soon_threadsafe(settle, future.set_result, result)
+            outcome = (future.set_exception, error)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (a server shutting down): nobody awaits
+            pass
 
     threading.Thread(target=run, name=f"csm-{getattr(fn, '__name__', 'work')}", daemon=True).start()
     return await future
