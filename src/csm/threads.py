@@ -38,24 +38,6 @@ def run_in_fresh_thread(fn: Callable[..., T], *args, **kwargs) -> T:
 
 
 async def to_fresh_thread(fn: Callable[..., T], *args) -> T:
-    """`asyncio.to_thread` on a new thread that ends with the call, instead of a pooled one
-    (a pooled thread keeps the OpenMP workers its torch work started)."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(setter: Callable, value) -> None:
-        if not future.done():  # the awaiting task may have been cancelled meanwhile
-            setter(value)
-
-    def run() -> None:
-        try:
-            outcome = (future.set_result, fn(*args))
-        except BaseException as error:  # noqa: BLE001 -- handed to the awaiting task
-            outcome = (future.set_exception, error)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop closed meanwhile (a server shutting down): nobody awaits
-            pass
-
-    threading.Thread(target=run, name=f"csm-{getattr(fn, '__name__', 'work')}", daemon=True).start()
-    return await future
+    """`asyncio.to_thread`, with the work on a new thread that ends with the call: the pooled
+    thread only waits for it, so it never keeps OpenMP workers of its own."""
+    return await asyncio.to_thread(run_in_fresh_thread, fn, *args)
