@@ -11,7 +11,8 @@ from csm.mimi.conv import CausalConv1d, CausalConvTranspose1d, ConvState
 
 @pytest.mark.parametrize("pad_mode", ["constant", "replicate"])
 @pytest.mark.parametrize(("kernel", "stride"), [(4, 2), (1, 1)], ids=["strided", "pointwise"])
-# Up to 512 output steps a product over the input's windows, beyond that oneDNN time-major.
+# Up to 512 output steps (and pointwise at any length) a product over the input's windows, beyond that
+# oneDNN time-major.
 @pytest.mark.parametrize("steps", [7, 1400], ids=["windows", "time-major"])
 def test_causal_conv_pads_on_the_left_and_completes_the_last_window(pad_mode, kernel, stride, steps):
     torch.manual_seed(0)
@@ -46,3 +47,18 @@ def test_transposed_conv_equals_pytorch_and_keeps_its_layout(groups, steps):
 def test_transposed_conv_needs_a_kernel_multiple_of_the_stride():
     with pytest.raises(ValueError, match="multiple of stride"):
         CausalConvTranspose1d(4, 4, 5, 2)
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copied", "assigned"])
+def test_weights_are_stored_time_major_before_and_after_loading(assign):
+    """[out, kernel, in] in memory, the layout the windowed product reads without a copy, also
+    when loading assigns the file's own (channels-first) tensors, as `Mimi.from_pretrained` does."""
+    plain, transposed = CausalConv1d(8, 6, 4, 2), CausalConvTranspose1d(8, 4, 6, 3)
+    assert plain.weight.transpose(1, 2).is_contiguous() and transposed.weight.transpose(1, 2).is_contiguous()
+    for conv, weight, bias in (
+        (plain, torch.randn(6, 8, 4), torch.randn(6)),
+        (transposed, torch.randn(8, 4, 6), torch.randn(4)),
+    ):
+        conv.load_state_dict({"weight": weight, "bias": bias}, assign=assign)
+        assert conv.weight.transpose(1, 2).is_contiguous()
+        assert torch.equal(conv.state_dict()["weight"], weight)

@@ -60,6 +60,8 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias)
         self.pad_mode = pad_mode
         self.left_padding = kernel_size - stride
+        self.weight = _time_major(self.weight)
+        self.register_load_state_dict_post_hook(_keep_weight_time_major)
 
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
         if self.kernel_size[0] == 1:  # pointwise: no padding, nothing to carry over
@@ -69,28 +71,33 @@ class CausalConv1d(nn.Conv1d):
             return self._convolve(_pad_time_major(x, self.left_padding, right_padding, self.pad_mode))
         if state.tail is None:
             state.tail = self._initial_tail(x)
-        x = torch.cat([state.tail, x], dim=-1)
+        x = _cat_time_major(state.tail, x)
         frames = (x.shape[-1] - self.kernel_size[0]) // self.stride[0] + 1
         state.tail = x[..., frames * self.stride[0] :]
         return self._convolve(x)
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution of x [B, C, T] without padding.
+        """The convolution of x [B, C, T] without padding, best with x stored time-major; the
+        result is stored time-major.
 
         Up to `_WINDOWED_STEPS` output steps (a streamed frame has 2 to 480 below its last
-        layers): one matrix product of the input's windows [B * steps, C * kernel] with the
-        weight as [out, C * kernel]. PyTorch's own choice for these shapes (its im2col
-        fallback, or oneDNN reordering the weight at every call) takes ~2 ms more per streamed
-        frame. Grouped convolutions (the depthwise upsampling) keep PyTorch's own choice below
-        64 steps. Longer signals: oneDNN runs Mimi's convolutions up to twice as fast time-major
-        (channels-last); `conv1d` would not keep that layout, so this goes through `conv2d`.
+        layers), and pointwise at any length: one matrix product of the input's windows
+        [B * steps, kernel * C] with the weight as [out, kernel * C] (how it is stored).
+        Time-major, a window is a run of whole rows, so gathering them is a plain copy, and a
+        pointwise convolution's windows are the input itself. PyTorch's own choice for these
+        shapes (its im2col fallback, or oneDNN reordering the weight at every call) takes ~2 ms
+        more per streamed frame. Grouped convolutions (the depthwise upsampling) keep PyTorch's
+        own choice below 64 steps. Longer signals: oneDNN runs Mimi's convolutions up to twice as
+        fast time-major (channels-last); `conv1d` would not keep that layout, so this goes
+        through `conv2d`.
         """
         kernel, stride = self.kernel_size[0], self.stride[0]
         steps = (x.shape[-1] - kernel) // stride + 1
-        if steps <= _WINDOWED_STEPS and self.groups == 1:
+        if self.groups == 1 and (steps <= _WINDOWED_STEPS or kernel == 1):
             batch, channels, _ = x.shape
-            windows = x.unfold(-1, kernel, stride).transpose(1, 2).reshape(batch * steps, channels * kernel)
-            y = F.linear(windows, self.weight.view(self.out_channels, -1), self.bias)
+            windows = x.unfold(-1, kernel, stride).permute(0, 2, 3, 1).reshape(batch * steps, kernel * channels)
+            weight = self.weight.permute(0, 2, 1).reshape(self.out_channels, -1)
+            y = F.linear(windows, weight, self.bias)
             return y.view(batch, steps, -1).transpose(1, 2)
         if steps < 64:
             return super().forward(x)
@@ -102,6 +109,29 @@ class CausalConv1d(nn.Conv1d):
         if self.pad_mode == "replicate":
             return x[..., :1].expand(-1, -1, self.left_padding)
         return x.new_zeros(x.shape[0], x.shape[1], self.left_padding)
+
+
+def _time_major(weight: torch.Tensor) -> nn.Parameter:
+    """A convolution weight [out, in, kernel] stored as [out, kernel, in]: the layout of its
+    windowed product and of oneDNN's channels-last convolution."""
+    stored = weight.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    return nn.Parameter(stored, requires_grad=weight.requires_grad)
+
+
+def _keep_weight_time_major(module: CausalConv1d, incompatible_keys) -> None:
+    """After loading (which may assign the loaded tensor itself), store the weight time-major again."""
+    if not module.weight.transpose(1, 2).is_contiguous():
+        module.weight = _time_major(module.weight)
+
+
+def _cat_time_major(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """first [B, C, T1] and second [B, C, T2] joined in time, stored time-major (`torch.cat`
+    would store it channels-first: a transposing copy of time-major inputs)."""
+    batch, channels, length = first.shape
+    joined = first.new_empty(batch, length + second.shape[-1], channels)
+    joined[:, :length] = first.transpose(1, 2)
+    joined[:, length:] = second.transpose(1, 2)
+    return joined.transpose(1, 2)
 
 
 def _pad_time_major(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
@@ -124,6 +154,8 @@ class CausalConvTranspose1d(CausalConv1d):
     causal convolution it equals: with `taps = kernel // stride`, the `stride` samples of step t
     depend on input steps t - taps + 1..t only, so a convolution of `taps` steps into
     `out_channels * stride` channels, whose channels are then interleaved in time, gives them.
+    Those channels are ordered (group, sample i of the step, channel of the group): with one
+    group, the convolution's time-major output is then already the signal, without a copy.
 
     The whole-signal call drops the last `kernel - stride` samples of the transposed
     convolution (they wait for steps that never come); the streaming state is the last
@@ -152,34 +184,43 @@ class CausalConvTranspose1d(CausalConv1d):
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> torch.Tensor:
         y = super().forward(x, state).transpose(1, 2)  # [B, T, out * stride], time-major
         batch, steps, channels = y.shape
-        stride = self.upsampling
-        # Sample t * stride + i of channel c is y[:, t, c * stride + i]; the result stays time-major.
-        interleaved = y.reshape(batch, steps, channels // stride, stride).transpose(2, 3)
-        return interleaved.reshape(batch, steps * stride, channels // stride).transpose(1, 2)
+        groups, stride = self.groups, self.upsampling
+        # Sample t * stride + i of channel c of group g is y[:, t, (g, i, c)]; the result stays time-major.
+        samples = y.reshape(batch, steps, groups, stride, channels // stride // groups).transpose(2, 3)
+        return samples.reshape(batch, steps * stride, channels // stride).transpose(1, 2)
 
     def to_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """[out * stride, in / groups, taps] -> nn.ConvTranspose1d's [in, out / groups, kernel]."""
         groups, stride, (channels, in_per_group, taps) = self.groups, self.upsampling, weight.shape
         out_per_group = channels // stride // groups
         # Conv tap k reads input step t - (taps - 1 - k): transposed kernel index (taps - 1 - k) * stride + i.
-        grouped = weight.view(groups, out_per_group, stride, in_per_group, taps).flip(-1)
-        return grouped.permute(0, 3, 1, 4, 2).reshape(groups * in_per_group, out_per_group, taps * stride)
+        grouped = weight.reshape(groups, stride, out_per_group, in_per_group, taps).flip(-1)
+        return grouped.permute(0, 3, 2, 4, 1).reshape(groups * in_per_group, out_per_group, taps * stride)
 
     def from_transposed_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """nn.ConvTranspose1d's [in, out / groups, kernel] -> [out * stride, in / groups, taps]."""
         groups, stride, (in_channels, out_per_group, kernel) = self.groups, self.upsampling, weight.shape
         grouped = weight.reshape(groups, in_channels // groups, out_per_group, kernel // stride, stride)
-        return grouped.permute(0, 2, 4, 1, 3).flip(-1).reshape(-1, in_channels // groups, kernel // stride)
+        return grouped.permute(0, 4, 2, 1, 3).flip(-1).reshape(-1, in_channels // groups, kernel // stride)
+
+    def to_transposed_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """[out * stride] (each channel's bias repeated for its samples) -> [out]."""
+        return bias.view(self.groups, self.upsampling, -1)[:, 0].reshape(-1)
+
+    def from_transposed_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """[out] -> [out * stride], in the convolution's channel order."""
+        grouped = bias.view(self.groups, 1, -1)
+        return grouped.expand(-1, self.upsampling, -1).reshape(-1)
 
 
 def _write_transposed_layout(module: CausalConvTranspose1d, state: dict, prefix: str, metadata: dict) -> None:
     state[prefix + "weight"] = module.to_transposed_layout(state[prefix + "weight"])
     if module.bias is not None:
-        state[prefix + "bias"] = state[prefix + "bias"][:: module.upsampling]
+        state[prefix + "bias"] = module.to_transposed_bias(state[prefix + "bias"])
 
 
 def _read_transposed_layout(module: CausalConvTranspose1d, state: dict, prefix: str, *_) -> None:
     if prefix + "weight" in state:
         state[prefix + "weight"] = module.from_transposed_layout(state[prefix + "weight"]).contiguous()
     if module.bias is not None and prefix + "bias" in state:
-        state[prefix + "bias"] = state[prefix + "bias"].repeat_interleave(module.upsampling)
+        state[prefix + "bias"] = module.from_transposed_bias(state[prefix + "bias"])
