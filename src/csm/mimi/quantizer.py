@@ -34,8 +34,14 @@ class ResidualQuantizer(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Latents [B, dim, T] from codes [B, K, T] of the first K codebooks."""
-        quantized = sum(F.embedding(codes[:, k], self.codebooks[k]) for k in range(codes.shape[1]))
-        return self.output_proj(quantized.transpose(1, 2))
+        batch, books, steps = codes.shape
+        size, width = self.codebooks.shape[1:]
+        # One gather-and-sum over the codebooks stacked end to end (a streamed frame's 31
+        # separate lookups and adds took ~0.3 ms).
+        offsets = torch.arange(books, device=codes.device) * size
+        indices = (codes + offsets[:, None]).transpose(1, 2).reshape(batch * steps, books)
+        quantized = F.embedding_bag(indices, self.codebooks.view(-1, width), mode="sum")
+        return self.output_proj(quantized.view(batch, steps, width).transpose(1, 2))
 
 
 class SplitResidualQuantizer(nn.Module):
