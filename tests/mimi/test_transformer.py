@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from csm.mimi import MimiConfig
-from csm.mimi.transformer import Transformer, apply_rope, rope_tables
+from csm.mimi.transformer import Transformer, apply_rope, rope_rotations
 
 
 def one_layer_transformer() -> Transformer:
@@ -26,9 +26,9 @@ def test_each_step_sees_exactly_the_last_250_steps():
 
 
 def test_rope_rotates_interleaved_pairs():
-    cos, sin = rope_tables(3, 1, 4, 10000.0, torch.device("cpu"))
+    rotations = rope_rotations(3, 1, 4, 10000.0, torch.device("cpu"))
     x = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 1, 4)
-    rotated = apply_rope(x, cos, sin).flatten()
+    rotated = apply_rope(x, rotations).flatten()
     angles = 3 * torch.tensor([1.0, 10000.0**-0.5])
     expected = torch.stack([angles[0].cos(), angles[0].sin(), -angles[1].sin(), angles[1].cos()])
     assert torch.allclose(rotated, expected, atol=1e-6)
