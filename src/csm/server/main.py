@@ -115,13 +115,13 @@ def _limit_malloc_arenas(arenas: int) -> None:
 
     glibc gives threads their own arenas, up to 8 per core, and each arena keeps the memory it
     freed. The server runs uploads, voice storage and the watermark on threads of their own
-    (see csm.threads). In a bounded load test on the tiny test model its resident memory sat
+    (see csm.threads). In the load test (`tests/server/test_load.py`) its resident memory sat
     ~190 MB higher with the default 16 arenas (2 cores) and swung by up to 90 MB from one burst
     to the next; with two it stays within ~30 MB, at the same speed within the noise.
     """
     if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
         return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc and musl have it; others may not
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's (musl's ignores it; others lack it)
     if mallopt is not None:
         mallopt(-8, arenas)  # M_ARENA_MAX in glibc's malloc.h
 
