@@ -39,6 +39,7 @@ import torch
 from csm import batching
 from csm.errors import CSMError
 from csm.generator import Generator, Segment
+from csm.threads import run_in_fresh_thread
 
 # Frames per second and time to first audio are reported over this recent window.
 STATS_WINDOW_S = 10.0
@@ -252,7 +253,10 @@ class Engine:
         """Queue `request`; a ValueError names a bad field, QueueFullError says to retry later."""
         if not isinstance(request, Request):
             raise ValueError(f"submit takes a csm.engine.Request, got {type(request).__name__}")  # noqa: TRY004
-        self._generator.check_request(
+        # Checking context audio is parallel torch work: on the caller's thread it would leave
+        # that thread holding OpenMP workers beside the engine's (see csm.threads).
+        run_in_fresh_thread(
+            self._generator.check_request,
             request.text,
             request.speaker,
             request.context,

@@ -70,7 +70,7 @@ class Generator:
         voice_cache_bytes: int = VOICE_CACHE_BYTES,
     ):
         self._model = model
-        self._model.setup_caches(1)
+        self._one_row_caches()
         self.voices = VoiceCache(voice_cache_bytes)
         self._batch = Batch(model, self.voices)
         self._owner = None
@@ -291,7 +291,14 @@ class Generator:
     def _release(self, owner: object) -> None:
         if self._owner is owner:
             self._owner = None
-            self._model.setup_caches(1)
+            self._one_row_caches()
+
+    def _one_row_caches(self) -> None:
+        """Give the model caches for one row, made on a thread that ends: making them is parallel
+        torch work, which would leave the caller's thread holding OpenMP workers, so that an
+        engine started after (or another engine after a closed one) would run slower (see
+        csm.threads; an engine's frames took ~15% longer and its Mimi steps twice as long)."""
+        run_in_fresh_thread(self._model.setup_caches, 1)
 
     def _check_free(self) -> None:
         if self._owner is not None:

@@ -220,6 +220,29 @@ def test_the_engine_owns_the_model_until_closed(generator):
     assert generator.generate("Hi.", 0, [], max_audio_length_ms=80, seed=0).numel() == 1920
 
 
+def test_making_a_generator_submitting_and_closing_leave_torch_work_off_the_callers_thread(parts, codec, monkeypatch):
+    """Cache set-up and audio checks are parallel torch work: on the caller's thread they would
+    leave that thread holding OpenMP workers, which slows the engine beside it (see csm.threads)."""
+    model, tokenizer = parts
+    threads = []
+    setup_caches = model.setup_caches
+    monkeypatch.setattr(
+        model, "setup_caches", lambda rows: (threads.append(threading.current_thread()), setup_caches(rows))
+    )
+    generator = Generator(model, codec, tokenizer)
+    check_request = generator.check_request
+    monkeypatch.setattr(
+        generator, "check_request", lambda *args: (threads.append(threading.current_thread()), check_request(*args))
+    )
+    with Engine(generator, max_batch=2) as engine:
+        assert joined(engine.submit(Request("Hello there.", 0, (VOICE,), 160, seed=0))).numel() == 2 * 1920
+    # The generator's one row, the engine's two (on its worker), the check of the request (with
+    # context audio), one row again.
+    assert len(threads) == 4
+    assert threading.current_thread() not in threads
+    assert model.cache_rows == 1
+
+
 def test_streamed_chunks_are_plain_and_the_result_is_watermarked(parts, codec, watermarker):
     model, tokenizer = parts
     marked = Generator(model, codec, tokenizer, watermarker)
