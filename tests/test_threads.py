@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from csm.threads import run_in_fresh_thread, to_fresh_thread
+from csm.threads import make_this_thread_serial, run_in_fresh_thread, to_fresh_thread
 
 
 def ran_on() -> threading.Thread:
@@ -61,3 +61,16 @@ def test_to_fresh_thread_cancelled_lets_its_work_end_quietly(monkeypatch):
     worker = asyncio.run(main())  # the loop closes once the cancelled call's work is done
     worker.join(timeout=10)
     assert not worker.is_alive() and errors == []
+
+
+def test_make_this_thread_serial_leaves_other_threads_their_thread_count():
+    import torch
+
+    threads = torch.get_num_threads()
+
+    def serial_here() -> tuple[int, int]:
+        make_this_thread_serial()
+        return torch.get_num_threads(), run_in_fresh_thread(torch.get_num_threads)
+
+    assert run_in_fresh_thread(serial_here) == (1, threads)
+    assert torch.get_num_threads() == threads

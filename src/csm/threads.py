@@ -6,7 +6,8 @@ long idle workers spin before they sleep, so every parallel region of every thre
 wake them. That hits the thousands of small operations of a frame: on a 2-core CPU the
 engine's frames took 0.61 s with the model loaded on the main thread and 0.50 s with it
 loaded on a thread that had ended. Loading, and torch work beside a busy engine thread,
-run here instead.
+run here instead; a long-lived thread that must do some torch work of its own beside an
+engine (a server's event loop) can be made serial instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import asyncio
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -41,3 +44,17 @@ async def to_fresh_thread(fn: Callable[..., T], *args) -> T:
     """`asyncio.to_thread`, with the work on a new thread that ends with the call: the pooled
     thread only waits for it, so it never keeps OpenMP workers of its own."""
     return await asyncio.to_thread(run_in_fresh_thread, fn, *args)
+
+
+def make_this_thread_serial() -> None:
+    """Run the calling thread's torch work on one core from now on, so that it never starts
+    OpenMP workers; other threads, and threads started later, keep the process's thread count.
+
+    PyTorch's OpenMP thread count is per thread once a thread has used it: `set_num_threads`
+    sets the calling thread's and the default that new threads start from, so the default is
+    set back from a thread of its own. (Where the CPU backend is not OpenMP the count is one
+    for the process: it is then simply set back.)
+    """
+    threads = torch.get_num_threads()  # first: this thread takes the default now, not later over the 1
+    torch.set_num_threads(1)
+    run_in_fresh_thread(torch.set_num_threads, threads)

@@ -23,7 +23,7 @@ from csm.generator import load_csm_1b
 from csm.server.app import create_app
 from csm.server.speech import SpeechService
 from csm.server.voices import OPENAI_VOICES, Voices, VoiceStore
-from csm.threads import run_in_fresh_thread
+from csm.threads import make_this_thread_serial, run_in_fresh_thread
 from csm.voices import VOICE_TRANSCRIPTS, load_voice
 
 log = logging.getLogger("csm.server")
@@ -56,6 +56,9 @@ class ServeOptions:
 def serve(options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _limit_malloc_arenas(MALLOC_ARENAS)
+    # This thread runs the event loop: its torch work (checks, joins, encoding) stays serial,
+    # so that the engine's thread is the only one holding OpenMP workers (see csm.threads).
+    make_this_thread_serial()
     started = time.perf_counter()
     generator = load_csm_1b(
         options.device,
