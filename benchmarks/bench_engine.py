@@ -163,7 +163,8 @@ def main() -> None:
             flush=True,
         )
 
-    voice = [Segment(1, VOICE_TEXT, voice_clip(args.voice_seconds))]
+    # Torch work off the main thread throughout, as above.
+    voice = [Segment(1, VOICE_TEXT, run_in_fresh_thread(voice_clip, args.voice_seconds))]
     request = Request(TEXT, 1, voice, max_audio_length_ms=240, seed=1)
     cached = Generator(model, mimi, tokenizer)
     uncached = Generator(model, mimi, tokenizer, voice_cache_bytes=0)
@@ -171,7 +172,7 @@ def main() -> None:
     again = first_audio_seconds(cached, request)
     first_uncached = first_audio_seconds(uncached, request)
     again_uncached = first_audio_seconds(uncached, request)
-    prompt = generator.prompt(TEXT, 1, voice)
+    prompt = run_in_fresh_thread(generator.prompt, TEXT, 1, voice)
     print(
         f"\nvoice cache, {args.voice_seconds:g} s voice prompt ({prompt.prefixes[0][0]} of {len(prompt)} positions), "
         f"time to first audio, one request at a time:"
@@ -182,7 +183,7 @@ def main() -> None:
         f"(context codes cached, positions prefilled again)"
     )
     print(f"  cached state: {cached.voices.nbytes / 2**20:.1f} MiB")
-    chunk = prefill_chunk_seconds(generator, prompt)
+    chunk = run_in_fresh_thread(prefill_chunk_seconds, generator, prompt)
     print(
         f"prefill: one chunk of {PREFILL_CHUNK} positions takes {chunk:.3f} s (what admitting a long prompt adds to a turn)"
     )
