@@ -26,6 +26,7 @@ from csm.devices import default_device, default_dtype
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import audio_frames, load_tokenizer, text_frames
+from csm.sampling import TEMPERATURE_RANGE
 from csm.threads import run_in_fresh_thread
 from csm.voice_cache import VoiceCache
 from csm.watermark import CSM_KEY, Watermarker
@@ -401,8 +402,9 @@ def _check_request(text, speaker, context, max_audio_length_ms, temperature, top
         check_audio(segment.audio, f"context[{index}].audio")
     if not isinstance(max_audio_length_ms, (int, float)) or not _max_frames(max_audio_length_ms) >= 1:
         raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame), got {max_audio_length_ms!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if not isinstance(temperature, (int, float)) or not low <= temperature <= high:
+        raise ValueError(f"temperature must be a number from {low} to {high}, got {temperature!r}")
     if not _is_int(topk) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
     if seed is not None and not _is_int(seed):

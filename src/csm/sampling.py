@@ -6,6 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
+# Temperatures outside this range are refused: far below it, logits / temperature overflows
+# to infinity and sampling degenerates to code 0 (silence); far above, it is noise.
+TEMPERATURE_RANGE = (0.01, 5.0)
+
 
 def sample_topk(
     logits: torch.Tensor,

@@ -64,6 +64,8 @@ def _assert_envelope(status: int, body: bytes, expected: int, param: str | None 
         ({"speed": 0.2}, "speed"),
         ({"stream_format": "chunks"}, "stream_format"),
         ({"temperature": 0}, "temperature"),
+        ({"temperature": 1e-40}, "temperature"),
+        ({"temperature": 6.0}, "temperature"),
         ({"topk": 0}, "topk"),
         ({"max_audio_seconds": -1}, "max_audio_seconds"),
         ({"unknown": 1}, "unknown"),

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from csm.sampling import TEMPERATURE_RANGE
+
 MAX_INPUT_CHARS = 4096
 MAX_CONTEXT_TURNS = 8
 
@@ -41,7 +43,7 @@ class SpeechRequest(BaseModel):
     # Accepted for compatibility; CSM has no way to follow style instructions.
     instructions: str | None = Field(None, max_length=MAX_INPUT_CHARS)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    temperature: float = Field(0.9, gt=0, le=10)
+    temperature: float = Field(0.9, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
     topk: int = Field(50, ge=1, le=2048)
     max_audio_seconds: float = Field(30.0, gt=0, le=90)
     context: list[ContextTurn] = Field(default_factory=list, max_length=MAX_CONTEXT_TURNS)
