@@ -8,6 +8,7 @@ own, all against tiny random weights under the real hub names (conftest.py).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,15 @@ def test_every_example_compiles_and_its_commands_parse(block: Block):
             pytest.fail(f"{block.where}: `csm {' '.join(arguments)}` does not parse (exit {error.code})")
 
 
+@pytest.mark.parametrize(
+    "block",
+    [block for path in PAGES.values() for block in blocks(path) if block.language == "json"],
+    ids=lambda block: block.where,
+)
+def test_every_json_example_is_json(block: Block):
+    json.loads(block.code)
+
+
 # The runner: every block of a page exec'd in one namespace, compiled with its page and line, so a
 # failure's traceback points into the Markdown file.
 _RUNNER = textwrap.dedent("""\
@@ -82,8 +92,6 @@ RUNNABLE_PAGES = sorted(
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
 def test_the_examples_of_a_page_run(page, doc_environment, workspace):
-    import json
-
     runnable = [block for block in _all_blocks([PAGES[page]]) if block.needs is None]
     python = [(str(block.path), block.line, block.code) for block in runnable if block.language == "python"]
     if python:
