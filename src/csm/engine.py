@@ -716,8 +716,9 @@ class Engine:
         for active in [active for active in self._parked if active.stream.unread <= active.stream.resume_below]:
             self._parked.remove(active)
             row = len(self._decoding)
+            self._decoding.append(active)  # first: should what follows fail, it fails with the others
             if self._prefilling:  # the first prompt being prefilled makes way, to the top
-                self._batch.move(self._prefilling[0], row + len(self._prefilling))
+                self._batch.move(self._prefilling[0].sequence, row + len(self._prefilling))
                 self._prefilling.append(self._prefilling.pop(0))
             cache, audio = active.parked
             self._batch.model.load_cache_prefix(row, cache)
@@ -726,7 +727,6 @@ class Engine:
             self._free_audio_rows.remove(active.audio_row)
             self._audio.restore(active.audio_row, audio)
             active.parked, active.stream.resume_below = None, None
-            self._decoding.append(active)
 
     def _due(self) -> bool:
         """A parked request whose reader caught up, or whose time ran out."""

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from csm import Generator, Segment
+from csm import Generator, Segment, batching
 from csm.engine import ClientTimeoutError, Engine, GenerationError, Request
 from tests.product.conftest import speech_like
 from tests.product.engine_parts import alone, assert_same_audio, joined, tiny_mimi
@@ -28,7 +28,7 @@ def generator(parts, codec) -> Generator:
     return Generator(model, codec, tokenizer)
 
 
-def test_a_slow_reader_holds_its_row_back_and_the_others_go_on(parts, codec):
+def test_a_slow_reader_holds_its_row_back_and_the_others_go_on(parts, codec, monkeypatch):
     model, tokenizer = parts
     slow_request = Request("Hello there.", 0, (), 15 * 80, seed=1)
     fast_request = Request("A longer line of words, after a voice.", 1, (VOICE,), 12 * 80, seed=2)
@@ -45,13 +45,24 @@ def test_a_slow_reader_holds_its_row_back_and_the_others_go_on(parts, codec):
         stats = engine.stats()
         assert stats["waiting_for_readers"] == 1 and stats["active"] == 1
         assert stats["frames_generated"] == 12 + 4
-        # The slow one comes back while another row decodes (and one is prefilled beside it).
+        # The slow one comes back while another prompt is being prefilled (held there until
+        # then), so that prompt's row makes way for it.
+        gate = threading.Event()
+        feed = batching.Batch.feed
+
+        def held_feed(batch, sequence):
+            if sequence.sampling.max_frames == 10 and not gate.is_set():
+                return None  # not all in yet
+            return feed(batch, sequence)
+
+        monkeypatch.setattr(batching.Batch, "feed", held_feed)
         later = engine.submit(later_request)
-        later_audio = []
-        reader = threading.Thread(target=lambda: later_audio.extend(later))
-        reader.start()
+        deadline = time.monotonic() + 60
+        while engine.stats()["active"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         slow_audio = joined(slow)
-        reader.join(timeout=120)
+        gate.set()
+        later_audio = [joined(later)]
         stats = engine.stats()
     assert_same_audio(fast_audio, expected[1])
     assert_same_audio(slow_audio, expected[0])
