@@ -13,10 +13,10 @@ together, and a long prompt stalls the others for about one frame per chunk, not
 it). It samples the frames of the decoding rows and the first frames of the prompts now all in
 in one depth-decoder pass (a first frame costs a chunk of prefill, not a frame step of its
 own), decodes them to audio in one batched streaming Mimi step (a request keeps its Mimi row
-from its first frame to its end, but while it waits for its reader) for the requests' handles, and frees the rows of finished,
-failed and cancelled requests, moving the last decoding row into each hole so that one step
-covers them all. A request computes exactly what `Generator.generate` computes for it alone:
-see `csm.batching`.
+from its first frame to its end, but while it waits for its reader) for the requests'
+handles, and frees the rows of finished, failed and cancelled requests, moving the last
+decoding row into each hole so that one step covers them all. A request computes exactly
+what `Generator.generate` computes for it alone: see `csm.batching`.
 
 Requests come from any thread or asyncio loop. `submit` returns at once: a request is checked
 and its prompt made (new context audio encoded) on a thread of its own, never on the worker;
@@ -861,7 +861,8 @@ class Engine:
         stream.finish(error)
 
     def _fail_running(self, error: BaseException) -> None:
-        running = [*self._decoding, *self._prefilling, *self._parked]
+        # A row being parked is in the decoding list and the parked one until the turn packs it.
+        running = list({id(active): active for active in [*self._decoding, *self._prefilling, *self._parked]}.values())
         self._decoding, self._prefilling, self._parked = [], [], []
         self._free_audio_rows = list(range(self.max_batch))
         for active in running:
