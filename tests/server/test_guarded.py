@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 
+import numpy as np
 import openai
 import pytest
 
@@ -148,4 +149,8 @@ def test_voices_survive_a_restart_and_shutdown_ends_running_streams(guarded, ass
     guarded.append(restarted)
     listed = json.loads(restarted.call("GET", "/v1/audio/voices")[2])["data"]
     assert [entry for entry in listed if entry["id"] == voice["id"]] == [voice]
-    assert restarted.call("POST", "/v1/audio/speech", request)[2] == before
+    again = restarted.call("POST", "/v1/audio/speech", request)[2]
+    # The same seed gives the same codes; their decoded audio may differ by a rounding step in
+    # another process (CPU kernels' float sums; see "What a seed guarantees" in docs/server.md).
+    a, b = (np.frombuffer(body, dtype="<i2").astype(int) for body in (before, again))
+    assert a.size == b.size == 6 * 1920 and np.abs(a - b).max() <= 2
