@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from csm.errors import GenerationError
 from csm.model import CSM
 from csm.voice_cache import VoiceCache
 
@@ -62,6 +63,7 @@ class Sequence:
         self.frames = 0
         self.last: torch.Tensor | None = None  # the frame to feed next, [32]
         self.done = False
+        self.error: GenerationError | None = None  # why it stopped, if it failed
 
     @property
     def decoding(self) -> bool:
@@ -159,7 +161,21 @@ class Batch:
             [sequence.sampling.generator for sequence in sequences],
             self._rows(sequences),
         )
-        return [sequence.emit(frame) for sequence, frame in zip(sequences, frames, strict=True)]
+        # Non-finite logits sample code 0 in every codebook: an all-zero frame, which would end
+        # the utterance as if its speech were over. A row's logits are finite when the backbone
+        # state they follow is (the heads and the depth decoder are the same for every row), so
+        # that state is checked: one reduction and one transfer per step for all rows.
+        finite = torch.isfinite(states).all(dim=-1).tolist()
+        for sequence, ok in zip(sequences, finite, strict=True):
+            if not ok:
+                sequence.done = True
+                sequence.error = GenerationError(
+                    f"non-finite logits: the model's state at frame {sequence.frames + 1} of this request "
+                    "holds NaN or infinity, so it cannot go on (its audio would be silence)"
+                )
+        return [
+            None if sequence.error else sequence.emit(frame) for sequence, frame in zip(sequences, frames, strict=True)
+        ]
 
     @staticmethod
     def _rows(sequences: Sequential[Sequence]) -> slice:
@@ -174,17 +190,23 @@ class Batch:
         self.model.copy_cache_row(sequence.row, row, sequence.written)
         sequence.row = row
 
-    def pack(self, sequences: Sequential[Sequence]) -> list[Sequence]:
-        """The unfinished of `sequences` (in rows 0 .. n-1, in order) in rows 0 .. m-1.
+    def pack(self, sequences: Sequential[Sequence], leaving: Sequential[Sequence] = ()) -> list[Sequence]:
+        """The unfinished of `sequences` (in rows 0 .. n-1, in order), but those `leaving` their
+        rows, in rows 0 .. m-1.
 
-        The last sequence moves into the row of a finished one: one copy per finished row.
+        The last sequence moves into the row of one that left: one copy per row left.
         """
         packed = list(sequences)
+        gone = {id(sequence) for sequence in leaving}
+
+        def left(sequence: Sequence) -> bool:
+            return sequence.done or id(sequence) in gone
+
         index = 0
         while index < len(packed):
-            if packed[-1].done:
+            if left(packed[-1]):
                 packed.pop()
-            elif packed[index].done:
+            elif left(packed[index]):
                 last = packed.pop()
                 self.move(last, packed[index].row)
                 packed[index] = last

@@ -26,20 +26,36 @@ Streamed chunks are not watermarked, so that a server can watermark them as it d
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from csm import batching
-from csm.errors import CSMError
-from csm.generator import Generator, Segment
-from csm.threads import run_in_fresh_thread
+from csm.errors import CSMError, GenerationError
+from csm.generator import Generator, Segment, check_arguments
+from csm.mimi.codec import RowState
+from csm.threads import SerialQueue
+
+__all__ = [
+    "Admission",
+    "ClientTimeoutError",
+    "Engine",
+    "EngineClosedError",
+    "EngineFailedError",
+    "GenerationError",
+    "Handle",
+    "QueueFullError",
+    "Request",
+]
+
+logger = logging.getLogger("csm.engine")
 
 # Frames per second and time to first audio are reported over this recent window.
 STATS_WINDOW_S = 10.0
@@ -52,6 +68,14 @@ class QueueFullError(CSMError):
 
 class EngineClosedError(CSMError):
     """The engine was closed before the request could finish."""
+
+
+class EngineFailedError(CSMError):
+    """The engine's worker died: nothing it held or will be given can finish (see `Engine.failure`)."""
+
+
+class ClientTimeoutError(CSMError):
+    """The request's reader fell behind for longer than the engine's `client_timeout_s`."""
 
 
 @dataclass(frozen=True)
@@ -67,28 +91,75 @@ class Request:
     seed: int | None = None
 
 
+class _Place:
+    """One of the engine's `max_batch + max_queue` places, held by a request or an `Admission`."""
+
+    held = True
+
+
+class Admission:
+    """A place in the engine, held for utterances submitted one after another (`Engine.reserve`).
+
+    While it is held, `Engine.submit(request, admission)` never answers QueueFullError.
+    `release` (or leaving its `with` block, or dropping it) gives the place back.
+    """
+
+    def __init__(self, engine: Engine, place: _Place):
+        self._engine = engine
+        self._place = place
+        weakref.finalize(self, engine._free, place)
+
+    @property
+    def held(self) -> bool:
+        return self._place.held
+
+    def release(self) -> None:
+        """Give the place back (again: nothing happens)."""
+        self._engine._free(self._place)
+
+    def __enter__(self) -> Admission:  # noqa: PYI034 -- typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
 class _Stream:
     """A request's chunks between the worker (producer) and its handle (consumer)."""
 
-    def __init__(self, request: Request, engine: Engine):
+    def __init__(self, request: Request, engine: Engine, place: _Place | None, admission: Admission | None):
         self.request = request
         self.engine = engine
+        self.place = place  # its own place, None when an admission's holds it
+        self.admission = admission  # kept alive while the request runs
         self.submitted = time.monotonic()
         self.first_audio: float | None = None
+        self.prompt: batching.Prompt | None = None  # made off the worker, before it is queued
+        self.sampling: batching.Sampling | None = None
+        self.checked = False
         self.cancelled = False
         self.finished = False
         self.error: BaseException | None = None
+        self.unread = 0  # samples put and not yet read
+        self.last_read = 0.0  # when the reader last took a chunk (time.monotonic)
+        self.resume_below: int | None = None  # set while the worker holds the row back for its reader
         self._chunks: deque[torch.Tensor] = deque()
         self._ready = threading.Condition()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, Callable[[], bool]]] = []
 
     def put(self, chunk: torch.Tensor) -> None:
         with self._ready:
             if self.finished:
                 return
             self._chunks.append(chunk)
+            self.unread += chunk.numel()
             if self.first_audio is None:
                 self.first_audio = time.monotonic()
+        self._notify()
+
+    def mark_checked(self) -> None:
+        with self._ready:
+            self.checked = True
         self._notify()
 
     def finish(self, error: BaseException | None = None) -> bool:
@@ -105,6 +176,7 @@ class _Stream:
         with self._ready:
             self.cancelled = True
             self._chunks.clear()
+            self.unread = 0
         if self.finish():
             self.engine._cancelled(self)
 
@@ -114,30 +186,48 @@ class _Stream:
             while block and not self._chunks and not self.finished:
                 self._ready.wait()
             if self._chunks:
-                return self._chunks.popleft()
-            if self.finished:
+                chunk = self._chunks.popleft()
+                self.unread -= chunk.numel()
+                self.last_read = time.monotonic()
+                caught_up = self.resume_below is not None and self.unread <= self.resume_below
+            elif self.finished:
                 if self.error is not None and not self.cancelled:
                     raise self.error
                 raise StopIteration
-            return None
+            else:
+                return None
+        if caught_up:
+            self.engine._wake()
+        return chunk
 
-    def wait_async(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
-        """An event of `loop` set when a chunk or the end arrives (set now if one is there)."""
+    def raise_unchecked(self) -> bool:
+        """True once checked or ended; raises the error of a request that failed before."""
+        with self._ready:
+            if self.finished and not self.checked and self.error is not None:
+                raise self.error
+            return self.checked or self.finished
+
+    def wait_async(self, loop: asyncio.AbstractEventLoop, ready: Callable[[], bool] | None = None) -> asyncio.Event:
+        """An event of `loop` set when `ready()` (default: a chunk or the end is there) may
+        have become true (set now if it is)."""
+        ready = ready or (lambda: bool(self._chunks) or self.finished)
         event = asyncio.Event()
         with self._ready:
-            if self._chunks or self.finished:
+            if ready():
                 event.set()
             else:
-                self._waiters.append((loop, event))
+                self._waiters.append((loop, event, ready))
         return event
 
     def _notify(self) -> None:
         with self._ready:
             self._ready.notify_all()
             waiters, self._waiters = self._waiters, []
-        for loop, event in waiters:
-            if not loop.is_closed():
+        for loop, event, _ in waiters:
+            try:
                 loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop closed (checking first would race with it): no one waits there
+                pass
 
 
 class Handle:
@@ -156,6 +246,13 @@ class Handle:
     @property
     def request(self) -> Request:
         return self._stream.request
+
+    async def checked(self) -> None:
+        """Return once the request was checked and its prompt made, before any audio; raise
+        its ValueError if it is bad (or the engine's error if it ended before that)."""
+        loop = asyncio.get_running_loop()
+        while not self._stream.raise_unchecked():
+            await self._stream.wait_async(loop, lambda: self._stream.checked or self._stream.finished).wait()
 
     def cancel(self) -> None:
         """Stop the request: its row is freed within one frame and iteration stops."""
@@ -190,11 +287,15 @@ class Handle:
 
 @dataclass
 class _Active:
-    """A request in a row: its stream, its sequence, and its row of the audio decoder once it speaks."""
+    """A request in a row: its stream, its sequence, its row of the audio decoder once it speaks,
+    and, while it waits for its reader, its parked cache and audio state."""
 
     stream: _Stream
     sequence: batching.Sequence
     audio_row: int | None = None
+    error: BaseException | None = None
+    parked: tuple[torch.Tensor, RowState] | None = None
+    parked_since: float = 0.0
 
 
 @dataclass
@@ -203,6 +304,7 @@ class _Stats:
     finished: int = 0
     failed: int = 0
     cancelled: int = 0
+    timed_out: int = 0
     rejected: int = 0
     audio_seconds: float = 0.0
     steps: deque = field(default_factory=deque)  # (time, frames) of recent steps
@@ -212,28 +314,50 @@ class _Stats:
 class Engine:
     """Serves requests with `generator`'s model, `max_batch` rows at once, `max_queue` waiting.
 
+    A request runs at most `max_ahead_s` of audio ahead of its reader: past that its row waits
+    (it makes no frames) until the reader is halfway back; once it has waited `client_timeout_s`
+    with its reader reading nothing, it is cancelled and its handle raises ClientTimeoutError.
     The engine owns the model until `close` (the generator refuses to generate meanwhile).
     """
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64):
+    def __init__(
+        self,
+        generator: Generator,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        *,
+        max_ahead_s: float = 4.0,
+        client_timeout_s: float = 30.0,
+    ):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("max_ahead_s", max_ahead_s), ("client_timeout_s", client_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         generator._claim(self)
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_ahead_s = max_ahead_s
+        self.client_timeout_s = client_timeout_s
+        self.failure: BaseException | None = None  # why the worker died, if it did
         self._generator = generator
         self._mimi = generator.mimi
+        self._max_ahead = round(max_ahead_s * generator.sample_rate)  # samples
         self._free_audio_rows = list(range(max_batch))
         self._lock = threading.Condition()
-        self._queue: deque[_Stream] = deque()
-        self._pending = 0  # submitted and not yet released: waiting or in a row
+        self._preparer = SerialQueue("csm-engine-prepare")
+        self._preparing: set[_Stream] = set()  # submitted, being checked and made into prompts
+        self._queue: deque[_Stream] = deque()  # ready, waiting for a row
+        self._places = 0  # places held: by waiting and running requests and by admissions
+        self._running = 0  # requests in rows, decoding, prefilling or parked
         self._closed = False
         self._stats = _Stats()
         self._started = time.monotonic()
         # Only the worker touches these.
         self._decoding: list[_Active] = []  # in rows 0 .. n-1, in order
         self._prefilling: list[_Active] = []  # in rows n, n+1, ..., in order
+        self._parked: list[_Active] = []  # waiting for their readers, in no row
         started: Future[None] = Future()
         self._thread = threading.Thread(target=self._work, args=(started,), name="csm-engine", daemon=True)
         self._thread.start()
@@ -249,14 +373,28 @@ class Engine:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def submit(self, request: Request) -> Handle:
-        """Queue `request`; a ValueError names a bad field, QueueFullError says to retry later."""
+    def reserve(self) -> Admission:
+        """Hold a place for a request that will submit several utterances one after another.
+
+        Raises QueueFullError when every place is taken, EngineClosedError when closed and
+        EngineFailedError when the worker died.
+        """
+        with self._lock:
+            self._check_open()
+            return Admission(self, self._take_place())
+
+    def submit(self, request: Request, admission: Admission | None = None) -> Handle:
+        """Queue `request` and return at once; with an `admission`, in the place it holds.
+
+        Raises at once a ValueError naming a bad argument (types and ranges), QueueFullError
+        (no admission and no free place: retry later), EngineClosedError or EngineFailedError.
+        What takes torch work -- the samples of context audio, the prompt's length, encoding
+        new context audio -- is checked on a thread of its own: a bad request then raises its
+        ValueError from `await handle.checked()` and from iteration.
+        """
         if not isinstance(request, Request):
             raise ValueError(f"submit takes a csm.engine.Request, got {type(request).__name__}")  # noqa: TRY004
-        # Checking context audio is parallel torch work: on the caller's thread it would leave
-        # that thread holding OpenMP workers beside the engine's (see csm.threads).
-        run_in_fresh_thread(
-            self._generator.check_request,
+        check_arguments(
             request.text,
             request.speaker,
             request.context,
@@ -265,18 +403,18 @@ class Engine:
             request.topk,
             request.seed,
         )
-        stream = _Stream(request, self)
         with self._lock:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
-            if self._pending >= self.max_batch + self.max_queue:
-                self._stats.rejected += 1
-                raise QueueFullError(
-                    f"the engine is full: {self.max_batch} rows and {self.max_queue} queue places taken; retry later"
-                )
-            self._queue.append(stream)
-            self._pending += 1
-            self._lock.notify_all()
+            self._check_open()
+            if admission is None:
+                stream = _Stream(request, self, self._take_place(), None)
+            elif admission._engine is not self:
+                raise ValueError("this admission belongs to another engine")
+            elif not admission.held:
+                raise RuntimeError("this admission was released: reserve another")
+            else:
+                stream = _Stream(request, self, None, admission)
+            self._preparing.add(stream)
+        self._preparer.submit(self._prepare, stream)
         return Handle(stream, self._generator)
 
     def stats(self) -> dict[str, float | int]:
@@ -290,8 +428,9 @@ class Engine:
             recent = sum(frames for _, frames in stats.steps)
             first_audio = sorted(stats.first_audio)
             return {
-                "queue_length": len(self._queue),
-                "active": self._pending - len(self._queue),
+                "queue_length": len(self._preparing) + len(self._queue),
+                "active": self._running,
+                "waiting_for_readers": len(self._parked),
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
                 "frames_generated": stats.frames,
@@ -300,6 +439,7 @@ class Engine:
                 "requests_finished": stats.finished,
                 "requests_failed": stats.failed,
                 "requests_cancelled": stats.cancelled,
+                "requests_timed_out": stats.timed_out,
                 "requests_rejected": stats.rejected,
                 "time_to_first_audio_last_s": stats.first_audio[-1] if first_audio else 0.0,
                 "time_to_first_audio_mean_s": sum(first_audio) / len(first_audio) if first_audio else 0.0,
@@ -313,14 +453,118 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
-            waiting, self._queue = list(self._queue), deque()
-            self._pending -= len(waiting)
             self._lock.notify_all()
-        for stream in waiting:
-            stream.finish(EngineClosedError("the engine was closed before this request started"))
+        self._fail_waiting(lambda: EngineClosedError("the engine was closed before this request started"))
+        self._preparer.join()  # no prompt is being made with the generator once it is back
         if threading.current_thread() is not self._thread:
             self._thread.join()
         self._generator._release(self)
+
+    # Places and the waiting requests, from any thread.
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            raise _failed(self.failure)
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
+
+    def _take_place(self) -> _Place:
+        if self._places >= self.max_batch + self.max_queue:
+            self._stats.rejected += 1
+            raise QueueFullError(
+                f"the engine is full: {self.max_batch} rows and {self.max_queue} queue places taken; retry later"
+            )
+        self._places += 1
+        return _Place()
+
+    def _free(self, place: _Place | None) -> None:
+        with self._lock:
+            if place is not None and place.held:
+                place.held = False
+                self._places -= 1
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _prepare(self, stream: _Stream) -> None:
+        """Check a request and make its prompt (encoding new context audio), on the preparer's
+        thread, then queue it for a row."""
+        request, generator = stream.request, self._generator
+        error = None
+        try:
+            if stream.finished:
+                return
+            generator.check_request(
+                request.text,
+                request.speaker,
+                request.context,
+                request.max_audio_length_ms,
+                request.temperature,
+                request.topk,
+                request.seed,
+            )
+            prompt = generator.prompt(request.text, request.speaker, request.context)
+            sampling = generator.sampling(request.max_audio_length_ms, request.temperature, request.topk, request.seed)
+            if request.seed is None:
+                # Its own generator, so that a request never draws from another's noise.
+                rng = torch.Generator(generator.device)
+                rng.seed()
+                sampling = replace(sampling, generator=rng)
+        except Exception as caught:  # noqa: BLE001 -- whatever it is, it fails this request only
+            error = caught
+        with self._lock:
+            if stream not in self._preparing:  # cancelled, or the engine closed or failed meanwhile
+                return
+            self._preparing.remove(stream)
+            if error is None:
+                stream.prompt, stream.sampling = prompt, sampling
+                self._queue.append(stream)
+                self._lock.notify_all()
+            else:
+                self._count(stream, error)
+                self._free_place_locked(stream)
+        if error is None:
+            stream.mark_checked()
+        else:
+            stream.finish(error)
+
+    def _cancelled(self, stream: _Stream) -> None:
+        """A handle was cancelled: a waiting request leaves now, a running one at the next turn."""
+        with self._lock:
+            if stream in self._preparing or stream in self._queue:
+                self._preparing.discard(stream)
+                if stream in self._queue:
+                    self._queue.remove(stream)
+                self._count(stream, None)
+                self._free_place_locked(stream)
+            self._lock.notify_all()
+
+    def _fail_waiting(self, error: Callable[[], BaseException]) -> None:
+        """End every request not yet in a row with a fresh `error()`."""
+        with self._lock:
+            waiting = [*self._preparing, *self._queue]
+            self._preparing, self._queue = set(), deque()
+            for stream in waiting:
+                self._free_place_locked(stream)
+        for stream in waiting:
+            stream.finish(error())
+
+    def _free_place_locked(self, stream: _Stream) -> None:
+        if stream.place is not None and stream.place.held:
+            stream.place.held = False
+            self._places -= 1
+        self._lock.notify_all()
+
+    def _count(self, stream: _Stream, error: BaseException | None) -> None:
+        if isinstance(error, ClientTimeoutError):
+            self._stats.timed_out += 1
+        elif stream.cancelled:
+            self._stats.cancelled += 1
+        elif error is not None:
+            self._stats.failed += 1
+        else:
+            self._stats.finished += 1
 
     # The worker thread.
 
@@ -335,27 +579,60 @@ class Engine:
             started.set_exception(error)
             return
         started.set_result(None)
+        try:
+            self._serve()
+            self._fail_running(EngineClosedError("the engine was closed before this request finished"))
+        except BaseException as error:  # noqa: BLE001 -- the worker dies: say why, to everyone
+            self._die(error)
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
-                while not (self._closed or self._queue or self._decoding or self._prefilling):
-                    self._lock.wait()
+                while not (
+                    self._closed
+                    or (self._queue and self._running < self.max_batch)
+                    or self._decoding
+                    or self._prefilling
+                    or self._due()
+                ):
+                    self._lock.wait(timeout=self._next_timeout())
                 if self._closed:
-                    break
-                # Every waiting request that a row is free for.
-                free = self.max_batch - len(self._decoding) - len(self._prefilling)
+                    return
+                # Every ready request that a row is free for.
+                free = self.max_batch - self._running
                 incoming = [self._queue.popleft() for _ in range(min(free, len(self._queue)))]
+                self._running += len(incoming)
             try:
                 self._turn(incoming)
             except Exception as error:  # noqa: BLE001 -- a bug or an exhausted device: fail what runs, keep serving
-                self._fail_all(error)
-        self._fail_all(EngineClosedError("the engine was closed before this request finished"))
+                logger.exception("an engine turn failed; its requests fail with it")
+                self._fail_running(error)
+
+    def _die(self, error: BaseException) -> None:
+        """The worker cannot go on: every request, waiting or running, and every later call fails."""
+        with self._lock:
+            self.failure = error
+            self._running = 0
+            self._lock.notify_all()
+        logger.critical("the engine's worker died; every request fails from now on", exc_info=error)
+        running = [*self._decoding, *self._prefilling, *self._parked]
+        self._decoding, self._prefilling, self._parked = [], [], []
+        self._fail_waiting(lambda: _failed(error))
+        for active in running:
+            try:
+                active.stream.finish(_failed(error))
+            except BaseException:  # noqa: BLE001, S110 -- the others must hear of it all the same
+                pass
 
     def _turn(self, incoming: list[_Stream]) -> None:
-        """One turn: admit, one batched frame, prefill chunks, audio out, rows freed."""
+        """One turn: admit, hold back or time out rows ahead of their readers, one batched frame,
+        prefill chunks, audio out, rows freed."""
         for stream in incoming:
             self._admit(stream)
         self._drop_cancelled()
+        self._hold_back()
         self._release()
+        self._resume()
         stepping, states = self._advance()
         # The decoding rows step first. The prompts being prefilled get their next chunk in
         # order until a chunk's worth of positions went in this turn, so a burst of short
@@ -382,29 +659,91 @@ class Engine:
         if stream.cancelled:
             self._end(stream)
             return
-        request = stream.request
-        generator = self._generator
         try:
-            prompt = generator.prompt(request.text, request.speaker, request.context)
-            sampling = generator.sampling(request.max_audio_length_ms, request.temperature, request.topk, request.seed)
-            if request.seed is None:
-                # Its own generator, so that a request never draws from another's noise.
-                rng = torch.Generator(generator.device)
-                rng.seed()
-                sampling = replace(sampling, generator=rng)
-            sequence = self._batch.start(prompt, sampling, len(self._decoding) + len(self._prefilling))
-        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
+            sequence = self._batch.start(stream.prompt, stream.sampling, len(self._decoding) + len(self._prefilling))
+        except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this request only
             self._end(stream, error)
             return
         self._prefilling.append(_Active(stream, sequence))
 
     def _drop_cancelled(self) -> None:
         for active in self._decoding:
-            if active.stream.cancelled:
+            if active.stream.finished:
                 active.sequence.done = True
-        for active in [active for active in self._prefilling if active.stream.cancelled]:
-            self._prefilling.remove(active)
+        for active in [active for active in [*self._prefilling, *self._parked] if active.stream.finished]:
+            (self._prefilling if active in self._prefilling else self._parked).remove(active)
             self._end(active.stream)
+
+    # Backpressure: a request whose unread audio exceeds `max_ahead_s` leaves its cache row (its
+    # keys and values are copied aside, as is its Mimi state) so that the stepping rows stay
+    # contiguous; it comes back, above the decoding rows, once its reader is halfway back.
+
+    def _hold_back(self) -> None:
+        now = time.monotonic()
+        for active in self._decoding:
+            stream, sequence = active.stream, active.sequence
+            if sequence.done or stream.unread <= self._max_ahead:
+                continue
+            active.parked = (
+                self._batch.model.cache_prefix(sequence.row, sequence.written),
+                self._audio.save(active.audio_row),
+            )
+            active.parked_since = now
+            self._free_audio_rows.append(active.audio_row)
+            active.audio_row = None
+            stream.resume_below = self._max_ahead // 2
+            self._parked.append(active)
+        for active in [active for active in self._parked if self._idle(active, now) > self.client_timeout_s]:
+            self._parked.remove(active)
+            ahead = active.stream.unread / self._generator.sample_rate
+            logger.warning(
+                "cancelled a request %.1f s of audio ahead of its reader, which read nothing for %g s",
+                ahead,
+                self.client_timeout_s,
+            )
+            error = ClientTimeoutError(
+                f"the reader fell {ahead:.1f} s of audio behind and did not catch up within "
+                f"{self.client_timeout_s:g} s; the request was cancelled"
+            )
+            self._end(active.stream, error)
+
+    def _resume(self) -> None:
+        for active in [active for active in self._parked if active.stream.unread <= active.stream.resume_below]:
+            self._parked.remove(active)
+            row = len(self._decoding)
+            if self._prefilling:  # the first prompt being prefilled makes way, to the top
+                self._batch.move(self._prefilling[0], row + len(self._prefilling))
+                self._prefilling.append(self._prefilling.pop(0))
+            cache, audio = active.parked
+            self._batch.model.load_cache_prefix(row, cache)
+            active.sequence.row = row
+            active.audio_row = min(self._free_audio_rows)
+            self._free_audio_rows.remove(active.audio_row)
+            self._audio.restore(active.audio_row, audio)
+            active.parked, active.stream.resume_below = None, None
+            self._decoding.append(active)
+
+    def _due(self) -> bool:
+        """A parked request whose reader caught up, or whose time ran out."""
+        now = time.monotonic()
+        return any(
+            active.stream.unread <= active.stream.resume_below or self._idle(active, now) > self.client_timeout_s
+            for active in self._parked
+        )
+
+    def _next_timeout(self) -> float | None:
+        if not self._parked:
+            return None
+        now = time.monotonic()
+        idle = max(self._idle(active, now) for active in self._parked)
+        return max(0.0, self.client_timeout_s - idle) + 0.01
+
+    @staticmethod
+    def _idle(active: _Active, now: float) -> float:
+        """How long a parked request has waited with its reader reading nothing."""
+        return now - max(active.parked_since, active.stream.last_read)
+
+    # The frames.
 
     def _advance(self) -> tuple[list[_Active], list[torch.Tensor]]:
         """The decoding rows' backbone step: the rows and their states, or none if it failed."""
@@ -434,11 +773,12 @@ class Engine:
             frames = [None] * len(stepping)
             self._fail(stepping, error)
         for active, frame in zip(stepping, frames, strict=True):
+            active.error = active.error or active.sequence.error  # non-finite logits fail this one only
             if active in self._prefilling:
                 # Its first frame is out, or it ended (end of speech at once, or a failure).
                 self._prefilling.remove(active)
                 if active.sequence.done and frame is None:
-                    self._end(active.stream, active.stream.error)
+                    self._end(active.stream, active.error)
                 else:
                     self._decoding.append(active)
         return [(active, frame) for active, frame in zip(stepping, frames, strict=True) if frame is not None]
@@ -448,14 +788,14 @@ class Engine:
         """Mark the requests of `rows` failed; `_release` ends them."""
         for active in rows:
             active.sequence.done = True
-            active.stream.error = error
+            active.error = error
 
     def _speak(self, frames: list[tuple[_Active, torch.Tensor]]) -> None:
         """Decode this turn's frames to audio in one Mimi step and hand each to its request.
 
-        Every request with a Mimi row makes a frame each turn until it ends, so every row in
-        use advances together; a request gets a fresh row at its first frame, the lowest free
-        one, and the step decodes the rows up to the highest in use only.
+        Every request with a Mimi row makes a frame each turn until it ends or is parked, so
+        every row in use advances together; a request gets a fresh row at its first frame, the
+        lowest free one, and the step decodes the rows up to the highest in use only.
         """
         for active, _ in frames:
             if active.audio_row is None:
@@ -470,9 +810,7 @@ class Engine:
             with torch.inference_mode():
                 audio = self._audio.step(codes)[:, 0].float().cpu()
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
-            for active, _ in frames:
-                active.sequence.done = True
-                active.stream.error = error
+            self._fail([active for active, _ in frames], error)
             return
         now = time.monotonic()
         with self._lock:
@@ -489,14 +827,16 @@ class Engine:
             active.stream.put(audio[active.audio_row].clone())
 
     def _release(self) -> None:
-        """End the finished rows and pack the others into rows 0 .. n-1, the prefilling ones above."""
+        """End the finished rows, pack the others into rows 0 .. n-1 (the parked ones leave), and
+        the prefilling ones above."""
         for active in self._decoding:
             if active.sequence.done:
-                self._end(active.stream, active.stream.error)
+                self._end(active.stream, active.error)
                 if active.audio_row is not None:
                     self._free_audio_rows.append(active.audio_row)
         by_sequence = {id(active.sequence): active for active in self._decoding}
-        packed = self._batch.pack([active.sequence for active in self._decoding])
+        leaving = [active.sequence for active in self._decoding if active.parked is not None]
+        packed = self._batch.pack([active.sequence for active in self._decoding], leaving)
         self._decoding = [by_sequence[id(sequence)] for sequence in packed]
         # Rows only ever free up below a prompt being prefilled, so each moves down, in order,
         # into a row that is free by then.
@@ -510,31 +850,23 @@ class Engine:
         Its place is free before its consumer hears of the end, so that it can submit again.
         """
         with self._lock:
-            self._pending -= 1
-            if stream.cancelled:
-                self._stats.cancelled += 1
-            elif error is not None:
-                self._stats.failed += 1
-            else:
-                self._stats.finished += 1
-            self._lock.notify_all()
+            self._running -= 1
+            self._count(stream, error)
+            self._free_place_locked(stream)
         stream.finish(error)
 
-    def _cancelled(self, stream: _Stream) -> None:
-        """A handle was cancelled: a waiting request leaves the queue now, a running one at the next turn."""
-        with self._lock:
-            if stream in self._queue:
-                self._queue.remove(stream)
-                self._pending -= 1
-                self._stats.cancelled += 1
-            self._lock.notify_all()
-
-    def _fail_all(self, error: BaseException) -> None:
-        running = [*self._decoding, *self._prefilling]
-        self._decoding, self._prefilling = [], []
+    def _fail_running(self, error: BaseException) -> None:
+        running = [*self._decoding, *self._prefilling, *self._parked]
+        self._decoding, self._prefilling, self._parked = [], [], []
         self._free_audio_rows = list(range(self.max_batch))
         for active in running:
             self._end(active.stream, error)
+
+
+def _failed(reason: BaseException) -> EngineFailedError:
+    error = EngineFailedError(f"the engine stopped: its worker died of {type(reason).__name__}: {reason}")
+    error.__cause__ = reason
+    return error
 
 
 def _quantile(ordered: list[float], q: float) -> float:

@@ -11,3 +11,7 @@ class WeightsNotFoundError(CSMError):
 
 class CheckpointError(CSMError):
     """A checkpoint was found but cannot be used: corrupt, wrong keys or shapes."""
+
+
+class GenerationError(CSMError):
+    """A generation could not go on, e.g. the model's numbers went non-finite."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -184,7 +185,9 @@ class Generator:
 
     def check_request(self, text, speaker, context, max_audio_length_ms, temperature, topk, seed) -> None:
         """A ValueError naming the first bad argument of a `generate` call, or a context too long."""
-        _check_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+        check_arguments(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+        for index, segment in enumerate(context):
+            check_audio(segment.audio, f"context[{index}].audio")
         max_frames = _max_frames(max_audio_length_ms)
         length = self.prompt_length(text, speaker, context)
         budget = self.max_prompt_length(max_audio_length_ms)
@@ -249,6 +252,8 @@ class Generator:
                 raise RuntimeError("another generation started on this Generator before this stream finished")
             decoding = sequence.last is not None
             frame = self._batch.decode([sequence])[0] if decoding else self._batch.prefill(sequence)
+            if sequence.error is not None:
+                raise sequence.error
             if frame is not None:
                 yield frame
 
@@ -266,9 +271,11 @@ class Generator:
                     frames[sequence] = []
                     while sequence.last is None and not sequence.done:
                         _keep(frames[sequence], self._batch.prefill(sequence))
+                    _raise_error(sequence)
                     running = self._batch.pack([*running, sequence])
                 if running:
                     for sequence, frame in zip(running, self._batch.decode(running)):
+                        _raise_error(sequence)
                         _keep(frames[sequence], frame)
                     running = self._batch.pack(running)
         finally:
@@ -390,8 +397,12 @@ def _max_frames(max_audio_length_ms: float) -> int:
     return int(max_audio_length_ms / FRAME_MS)
 
 
-def _check_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed) -> None:
-    """A ValueError naming the first bad argument; the reference would fail deep inside instead."""
+def check_arguments(text, speaker, context, max_audio_length_ms, temperature, topk, seed) -> None:
+    """A ValueError naming the first bad argument; the reference would fail deep inside instead.
+
+    Types, shapes and ranges only, no torch work, so any thread may check at once; the samples
+    of context audio (finite?) and the prompt's length are `Generator.check_request`'s.
+    """
     _check_utterance(text, speaker, "text", "speaker")
     if isinstance(context, (str, bytes)) or not isinstance(context, Sequence):
         raise ValueError(f"context must be a list of Segment, got {type(context).__name__}")
@@ -399,7 +410,13 @@ def _check_request(text, speaker, context, max_audio_length_ms, temperature, top
         if not all(hasattr(segment, name) for name in ("speaker", "text", "audio")):
             raise ValueError(f"context[{index}] must be a Segment, got {type(segment).__name__}")
         _check_utterance(segment.text, segment.speaker, f"context[{index}].text", f"context[{index}].speaker")
-        check_audio(segment.audio, f"context[{index}].audio")
+        name = f"context[{index}].audio"
+        if not isinstance(segment.audio, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(segment.audio).__name__}")
+        if segment.audio.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (mono samples), got shape {tuple(segment.audio.shape)}")
+        if segment.audio.numel() == 0:
+            raise ValueError(f"{name} is empty")
     if not isinstance(max_audio_length_ms, (int, float)) or not _max_frames(max_audio_length_ms) >= 1:
         raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame), got {max_audio_length_ms!r}")
     low, high = TEMPERATURE_RANGE
@@ -434,6 +451,11 @@ def _check_batch(texts, speakers, contexts, seeds) -> int:
     return lengths["texts"]
 
 
+def _raise_error(sequence) -> None:
+    if sequence.error is not None:
+        raise sequence.error
+
+
 def _keep(frames: list[torch.Tensor], frame: torch.Tensor | None) -> None:
     if frame is not None:
         frames.append(frame)
@@ -450,15 +472,20 @@ class _CodeCache:
         self._encode = encode
         self._capacity = capacity
         self._codes: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # An engine makes prompts on a thread of its own while the generator's owner may call
+        # `prompt` too; the lock keeps the dict whole (a clip may then be encoded twice).
+        self._lock = threading.Lock()
 
     def __call__(self, audio: torch.Tensor) -> torch.Tensor:
         samples = audio.detach().to("cpu", torch.float32).contiguous()
         key = hashlib.blake2b(samples.numpy().tobytes(), digest_size=16).hexdigest()
-        if key in self._codes:
-            self._codes.move_to_end(key)
-            return self._codes[key]
+        with self._lock:
+            if key in self._codes:
+                self._codes.move_to_end(key)
+                return self._codes[key]
         codes = self._encode(samples)
-        self._codes[key] = codes
-        if len(self._codes) > self._capacity:
-            self._codes.popitem(last=False)
+        with self._lock:
+            self._codes[key] = codes
+            if len(self._codes) > self._capacity:
+                self._codes.popitem(last=False)
         return codes

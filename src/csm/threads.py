@@ -13,7 +13,9 @@ engine (a server's event loop) can be made serial instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -44,6 +46,48 @@ async def to_fresh_thread(fn: Callable[..., T], *args) -> T:
     """`asyncio.to_thread`, with the work on a new thread that ends with the call: the pooled
     thread only waits for it, so it never keeps OpenMP workers of its own."""
     return await asyncio.to_thread(run_in_fresh_thread, fn, *args)
+
+
+class SerialQueue:
+    """Runs calls one after another on a thread that ends once none are left.
+
+    For work that must neither block its caller nor run on a long-lived thread: each call
+    returns at once, at most one thread of the queue runs at a time (so its torch work never
+    competes with itself), and that thread ends when the queue is empty, taking its OpenMP
+    workers with it. A call's exception is logged; calls handle their own errors.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._calls: deque[tuple[Callable[..., object], tuple]] = deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., object], *args) -> None:
+        with self._lock:
+            self._calls.append((fn, args))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name=self.name, daemon=True)
+                self._thread.start()
+
+    def join(self) -> None:
+        """Wait until every call submitted so far has run (from another thread than the queue's)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._calls:
+                    self._thread = None
+                    return
+                fn, args = self._calls.popleft()
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 -- the queue goes on with the next call
+                logging.getLogger("csm.threads").exception("%s: a call failed", self.name)
 
 
 def make_this_thread_serial() -> None:

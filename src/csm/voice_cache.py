@@ -23,6 +23,7 @@ class VoiceCache:
             raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self.nbytes = 0
+        self.hits = 0  # `get`s that found a state
         self._states: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -38,6 +39,7 @@ class VoiceCache:
             state = self._states.get(key)
             if state is not None:
                 self._states.move_to_end(key)
+                self.hits += 1
             return state
 
     def put(self, key: str, state: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from csm import Generator, Segment
+from csm import Generator, Segment, batching
 from csm.engine import Engine, EngineClosedError, QueueFullError, Request
 from csm.errors import CSMError
 from tests.product.conftest import speech_like
@@ -43,6 +43,18 @@ def alone(generator: Generator, request: Request) -> torch.Tensor:
     return torch.cat(list(chunks))
 
 
+def counted(feed, positions: list[int]):
+    """`Batch.feed` that also records how many prompt positions each call fed."""
+
+    def feed_and_count(batch, sequence):
+        start = sequence.prefilled
+        state = feed(batch, sequence)
+        positions.append(sequence.prefilled - start)
+        return state
+
+    return feed_and_count
+
+
 def joined(handle) -> torch.Tensor:
     return torch.cat(list(handle))
 
@@ -55,7 +67,7 @@ def assert_same_audio(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("temperature, topk", [(1.0, 1), (0.9, 50)])
-def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts, codec, temperature, topk):
+def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts, codec, monkeypatch, temperature, topk):
     model, tokenizer = parts
     requests = [
         Request("Hello there.", 0, (), 400, temperature, topk, seed=1),
@@ -67,6 +79,8 @@ def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts,
     assert [len(audio) // 1920 for audio in expected] == [5, 7, 3]
 
     generator = Generator(model, codec, tokenizer)
+    feeds = []
+    monkeypatch.setattr(batching.Batch, "feed", counted(batching.Batch.feed, feeds))
     with Engine(generator, max_batch=2) as engine:
         first = engine.submit(requests[0])
         heard = [[next(first)], [], []]
@@ -82,8 +96,12 @@ def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts,
         assert_same_audio(torch.cat(chunks), audio)
     assert stats["frames_generated"] == 15 and stats["requests_finished"] == 3
     assert stats["queue_length"] == 0 and stats["active"] == 0
-    # The third request's voice prefix came from the cache that the second one filled.
-    assert len(generator.voices) >= 1
+    # The third request's voice prefix came from the cache that the second one filled: it was
+    # not fed again.
+    assert generator.voices.hits == 1
+    voice_positions = generator.prompt(requests[2].text, requests[2].speaker, requests[2].context).prefixes[0][0]
+    prompts = sum(generator.prompt_length(request.text, request.speaker, request.context) for request in requests)
+    assert sum(feeds) == prompts - voice_positions
 
 
 def test_threads_and_an_asyncio_loop_submit_at_once(generator, parts, codec):
@@ -151,12 +169,12 @@ def test_a_failing_request_fails_alone(generator, parts, codec):
     good = Request("Still fine.", 0, (VOICE,), 240, seed=4)
     expected = alone(Generator(model, codec, tokenizer, voice_cache_bytes=0), good)
     clip = speech_like(0.3, seed=13)
+    clip[100] = float("nan")
     with Engine(generator, max_batch=1) as engine:
         blocker = engine.submit(Request("Hold the row.", 0, max_audio_length_ms=10_000, seed=1))
         next(blocker)
         bad = engine.submit(Request("Broken context.", 0, (Segment(1, "Spoiled.", clip),), 240, seed=3))
         after = engine.submit(good)
-        clip[100] = float("nan")  # spoiled after it was checked, while it waits for a row
         blocker.cancel()
         with pytest.raises(ValueError, match="NaN"):
             joined(bad)

@@ -214,6 +214,17 @@ class EncodeStream:
         return self.mimi._encode(wav, self._state)
 
 
+@dataclass
+class RowState:
+    """One batch row's place in a `DecodeStream` (see `DecodeStream.save`)."""
+
+    tails: list[torch.Tensor | None]  # each convolution's carried input, upsample first
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # the transformer's keys and values, per layer
+    position: torch.Tensor
+    slot_positions: torch.Tensor
+    next_slot: int  # where the ring stood when it was saved
+
+
 class DecodeStream:
     """Decodes codes frame by frame, with the audio `Mimi.decode` gives for the whole.
 
@@ -253,6 +264,47 @@ class DecodeStream:
             if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.batch_size:
                 raise ValueError(f"rows must be indices in 0..{self.batch_size - 1}, got {row!r}")
         return list(rows)
+
+    @torch.inference_mode()
+    def save(self, row: int) -> RowState:
+        """A copy of batch row `row`'s place in the stream (after its first step), so that a
+        stream can stand aside while the others go on and come back in any row (`restore`)."""
+        self._row_indices([row])
+        state, decoder = self._state, self.mimi.decoder
+        if not self._started:
+            raise RuntimeError("save a row after the stream's first step")
+        convs = [state.upsample, *decoder.conv_states(state.seanet)]
+        tails = [None if conv.tail is None else conv.tail[row].clone() for conv in convs]
+        transformer = state.transformer
+        return RowState(
+            tails,
+            [(cache.keys[row].clone(), cache.values[row].clone()) for cache in transformer.caches],
+            transformer.positions[row].clone(),
+            transformer.slot_positions[row].clone(),
+            transformer.next_slot,
+        )
+
+    @torch.inference_mode()
+    def restore(self, row: int, saved: RowState) -> None:
+        """Put a `save`d place into batch row `row`: it decodes on as if it had never left.
+
+        The transformer's ring turns for every row at once: the row's slots are turned by the
+        steps taken since it was saved, so that its next step writes after its last one.
+        """
+        self._row_indices([row])
+        state, decoder = self._state, self.mimi.decoder
+        for conv, tail in zip([state.upsample, *decoder.conv_states(state.seanet)], saved.tails, strict=True):
+            if tail is not None:  # a pointwise convolution carries nothing
+                conv.tail[row] = tail
+        transformer = state.transformer
+        if saved.slot_positions.shape[0] != transformer.slots:
+            raise RuntimeError("the ring grew since the row was saved; step one frame at a time")
+        turn = transformer.next_slot - saved.next_slot
+        for cache, (keys, values) in zip(transformer.caches, saved.caches, strict=True):
+            cache.keys[row] = keys.roll(turn, dims=1)
+            cache.values[row] = values.roll(turn, dims=1)
+        transformer.positions[row] = saved.position
+        transformer.slot_positions[row] = saved.slot_positions.roll(turn, dims=0)
 
     @torch.inference_mode()
     def step(self, codes: torch.Tensor) -> torch.Tensor:
