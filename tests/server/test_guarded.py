@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import numpy as np
 import openai
@@ -116,7 +117,14 @@ def test_a_full_queue_answers_429_with_retry_after_and_leaving_frees_the_slots(g
     server = guarded[-1]
     running, response = _open_stream(server, 1)
     assert response.read1(65536)  # generating in the only slot
-    waiting, _ = _open_stream(server, 2)  # in the queue of one
+    # In the queue of one: admitted, its headers wait for its first audio.
+    waiting = server.connection()
+    waiting.request("POST", "/v1/audio/speech", json.dumps({**LONG, "seed": 2}),
+                    {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    deadline = time.monotonic() + 30
+    while server.engine_stat("queue_length") < 1:
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.1)
     status, headers, body = server.call("POST", "/v1/audio/speech", {**LONG, "seed": 3})
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert json.loads(body)["error"]["type"] == "rate_limit_error"

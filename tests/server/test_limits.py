@@ -134,6 +134,7 @@ def test_a_request_makes_at_most_max_request_seconds_of_audio_in_all(strict):
     assert streamed[0] == whole[0] == 200
     assert len(streamed[2]) == len(whole[2]) == 2 * cap
     assert float(whole[1]["x-audio-duration"]) == pytest.approx(MAX_REQUEST_SECONDS)
+    assert whole[1]["x-audio-truncated"] == "max-request-seconds"
     # Slower speech is cut so that what is sent stays within the cap too.
     slow = strict.call("POST", "/v1/audio/speech", {**request, "speed": 0.5})
     assert slow[0] == 200 and len(slow[2]) == 2 * cap

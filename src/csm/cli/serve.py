@@ -34,6 +34,10 @@ def add_commands(commands) -> None:
         help="audio one request may make, whole or streamed; longer ones end at S (default 120)",
     )  # fmt: skip
     serve.add_argument(
+        "--client-timeout", type=float, default=30.0, metavar="S",
+        help="a client that reads nothing for S seconds while its audio waits is cut off (default 30)",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-voices", type=int, default=1000, metavar="N",
         help="uploaded voices kept; uploads past N get 400 (default 1000)",
     )  # fmt: skip
@@ -69,6 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if not args.max_request_seconds >= 0.08:  # also refuses NaN
         raise ValueError(f"--max-request-seconds must be at least 0.08 (one frame), got {args.max_request_seconds}")
+    if not 0 < args.client_timeout < float("inf"):
+        raise ValueError(f"--client-timeout must be a positive number of seconds, got {args.client_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
     device = resolve_device(args.device)
@@ -89,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_request_seconds=args.max_request_seconds,
             max_voices=args.max_voices,
+            client_timeout=args.client_timeout,
             api_key=args.api_key or api_key_from_environment(),
             voices_dir=str(args.voices_dir.expanduser()),
             cors_origins=tuple(args.cors_origin),

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -27,13 +28,15 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from csm.server.encoding import MEDIA_TYPES, open_encoder, wav_header
-from csm.server.errors import APIError, from_validation, install_handlers
+from csm.server.errors import APIError, envelope, from_validation, install_handlers
 from csm.server.metrics import Metrics
 from csm.server.protocol import DeletedVoice, Model, ModelList, SpeechRequest, VoiceList
 from csm.server.speech import Run, SpeechService
 from csm.server.uploads import body_parts, decode_audio, read_body
 from csm.server.voices import VoiceLimitError
 from csm.threads import to_fresh_thread
+
+log = logging.getLogger("csm.server")
 
 MODEL_ID = "csm-1b"
 MAX_JSON_BYTES = 16 * 2**20  # room for a few base64 context clips
@@ -55,8 +58,12 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
     api = APIRouter(dependencies=[Depends(_authorizer(api_key))])
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        failure = service.engine.failure
+        if failure is not None:
+            reason = f"the speech engine failed: {type(failure).__name__}: {failure}"
+            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -99,16 +106,23 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
             body = SpeechRequest.model_validate_json(await read_body(request, MAX_JSON_BYTES))
         except ValidationError as error:
             raise from_validation(error) from None
-        run = service.start(await service.plan(body))
+        run = await service.start(await service.plan(body))
         audio = _AudioBody(service, run, body.response_format, metrics, started)
-        if body.stream_format == "sse":
-            return _Streamed(run, audio.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        if body.stream:
-            return _Streamed(run, audio, media_type=MEDIA_TYPES[body.response_format])
+        sse = body.stream_format == "sse"
+        if not (sse or body.stream):
+            try:
+                return await _unless_gone(request, audio.whole())
+            finally:
+                run.close()
         try:
-            return await _unless_gone(request, audio.whole())
-        finally:
+            # Headers leave with the first audio: whatever fails before it is answered with its status.
+            content = await _primed(request, audio.events() if sse else aiter(audio))
+        except BaseException:
             run.close()
+            raise
+        if sse:
+            return _Streamed(run, content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _Streamed(run, content, media_type=MEDIA_TYPES[body.response_format])
 
     app.include_router(api)
     return app
@@ -145,11 +159,13 @@ class _AudioBody:
         self.samples = 0  # sent, after speed
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for data in self._encoded(self.format):
+        """The encoded stream; an error after the first bytes ends it cleanly (logged), as
+        raw audio has no way to say more."""
+        async for data in self._encoded(self.format, end_cleanly=True):
             if data:
                 yield data
 
-    async def _encoded(self, response_format: str) -> AsyncIterator[bytes]:
+    async def _encoded(self, response_format: str, end_cleanly: bool = False) -> AsyncIterator[bytes]:
         encoder = open_encoder(response_format, self.service.sample_rate)
         try:
             async for piece in self.service.stream(self.run):
@@ -157,20 +173,27 @@ class _AudioBody:
                     self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
                 self.samples += piece.numel()
                 yield encoder.encode(piece)
-            yield encoder.finish()
+        except APIError as error:
+            if not (end_cleanly and self.samples):
+                raise
+            log.warning("stream ended after %d samples: %s", self.samples, error.message)
         finally:
             # What the model made: speed changes what is sent, not the work done.
             self.metrics.audio_seconds.inc(self.run.generated / self.service.sample_rate)
+        yield encoder.finish()
 
     async def events(self) -> AsyncIterator[str]:
-        """`speech.audio.delta` events with base64 audio, then `speech.audio.done` (or `speech.audio.error`)."""
+        """`speech.audio.delta` events with base64 audio, then `speech.audio.done`, or after
+        some audio `speech.audio.error` (before any, the error is the response's status)."""
         try:
-            async for data in self:
+            async for data in self._encoded(self.format):
                 if data:
                     yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        except Exception as error:  # noqa: BLE001 - a failure mid-stream is reported in the stream
-            message = error.message if isinstance(error, APIError) else str(error)
-            yield _event({"type": "speech.audio.error", "error": {"message": message, "type": "server_error"}})
+        except APIError as error:
+            if not self.samples:
+                raise
+            log.warning("stream ended after %d samples: %s", self.samples, error.message)
+            yield _event({"type": "speech.audio.error", **envelope(error.status, error.message, code=error.code)})
             return
         text = self.service.input_tokens(self.run.plan)
         frames = self.run.frames
@@ -196,7 +219,29 @@ class _AudioBody:
             "X-Audio-Duration": f"{seconds:.3f}",
             "X-Real-Time-Factor": f"{wall / seconds:.3f}" if seconds else "0",
         }
+        if self.run.truncated:
+            headers["X-Audio-Truncated"] = "max-request-seconds"
         return Response(content, media_type=MEDIA_TYPES[self.format], headers=headers)
+
+
+async def _primed(request: Request, parts: AsyncIterator):
+    """`parts` with its first item made now (or the error that came instead)."""
+    try:
+        first = await _unless_gone(request, anext(parts))
+    except StopAsyncIteration:
+        return _items([])
+
+    async def rest():
+        yield first
+        async for part in parts:
+            yield part
+
+    return rest()
+
+
+async def _items(items: list):
+    for item in items:
+        yield item
 
 
 class _Streamed(StreamingResponse):
@@ -219,8 +264,12 @@ def _event(payload: dict) -> str:
 
 
 async def _unless_gone(request: Request, work):
-    """Awaits `work`, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
+    """Awaits `work` (an awaitable), cancelling it if the client disconnects first."""
+
+    async def wrapped():
+        return await work
+
+    task = asyncio.ensure_future(wrapped())
     while True:
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if done:

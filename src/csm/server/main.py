@@ -49,6 +49,7 @@ class ServeOptions:
     max_queue: int
     max_request_seconds: float
     max_voices: int
+    client_timeout: float
     api_key: str | None
     voices_dir: str
     cors_origins: tuple[str, ...]
@@ -93,15 +94,20 @@ def serve(options: ServeOptions) -> None:
         ", ".join(f"{name}={voices.mapping(name)}" for name in OPENAI_VOICES),
     )  # fmt: skip
     log.info("API key: %s", "required" if options.api_key else "none (anyone who can reach the port may use it)")
-    with Engine(generator, max_batch=options.max_batch, max_queue=options.max_queue) as engine:
+    engine = Engine(
+        generator, max_batch=options.max_batch, max_queue=options.max_queue, client_timeout_s=options.client_timeout
+    )
+    with engine:
         mark = generator.watermark if options.watermark else None
         service = SpeechService(engine, generator, voices, mark, options.max_request_seconds)
         app = create_app(service, api_key=options.api_key, cors_origins=options.cors_origins)
         log.info(
-            "engine: %d slots, queue of %d; at most %g s of audio a request; serving on http://%s:%d/",
+            "engine: %d slots, queue of %d; at most %g s of audio a request; readers %g s behind are cut off; "
+            "serving on http://%s:%d/",
             options.max_batch,
             options.max_queue,
             options.max_request_seconds,
+            options.client_timeout,
             _host(options.host),
             options.port,
         )

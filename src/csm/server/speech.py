@@ -9,6 +9,10 @@ only once it is made). Every chunk of audio the engine sends is then stretched t
 requested speed and, unless the operator turned the watermark off, marked clip by clip
 (`csm.watermark.stream`), streamed or whole alike, so marking holds one clip in memory,
 not the response. The CPU-heavy marking runs off the event loop.
+
+A request takes one place in the engine (`Engine.reserve`) before its first chunk, and all
+its chunks run in that place: only admission can answer 429, never a later chunk of a
+response already under way. Engine errors become API errors here (`api_error`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
-from csm.engine import Engine, QueueFullError, Request
+from csm.engine import (
+    Admission,
+    ClientTimeoutError,
+    Engine,
+    EngineClosedError,
+    EngineFailedError,
+    GenerationError,
+    Handle,
+    QueueFullError,
+    Request,
+)
 from csm.generator import Generator, Segment
 from csm.longform import Turn, fit_context, split_sentences
 from csm.server.errors import APIError
@@ -59,10 +73,11 @@ class Plan:
 
 @dataclass
 class Run:
-    """One request on the engine: its first chunk's handle and the audio made so far."""
+    """One request on the engine: its place, its first chunk's handle and the audio made so far."""
 
     plan: Plan
-    first: object  # csm.engine.Handle
+    admission: Admission
+    first: Handle
     generated: int = 0  # samples the model made (before speed)
     truncated: bool = False
 
@@ -71,7 +86,9 @@ class Run:
         return math.ceil(self.generated / FRAME_SAMPLES)
 
     def close(self) -> None:
+        """Cancels what still runs and gives the place back (again: nothing happens)."""
         self.first.cancel()
+        self.admission.release()
 
 
 class SpeechService:
@@ -116,9 +133,25 @@ class SpeechService:
             max_frames=math.floor(max_seconds * _FRAMES_PER_SECOND + 1e-9),
         )
 
-    def start(self, plan: Plan) -> Run:
-        """Submits the first chunk now, so that a bad request or a full queue is answered before any audio."""
-        return Run(plan, self._submit(plan, 0, [], plan.max_frames))
+    async def start(self, plan: Plan) -> Run:
+        """Takes the request's place and checks its first chunk, so that a full engine or a bad
+        request is answered before any audio."""
+        try:
+            admission = self.engine.reserve()
+        except Exception as error:  # noqa: BLE001 - every engine error has its answer
+            raise api_error(error) from None
+        first = None
+        try:
+            first = self._submit(plan, 0, [], plan.max_frames, admission)
+            await first.checked()
+        except BaseException as error:
+            if first is not None:
+                first.cancel()
+            admission.release()
+            if isinstance(error, Exception) and not isinstance(error, APIError):
+                raise api_error(error) from None
+            raise
+        return Run(plan, admission, first)
 
     async def chunks(self, run: Run) -> AsyncIterator[torch.Tensor]:
         """The engine's unmarked audio for every sentence chunk, in order; cancels what it leaves unread."""
@@ -130,7 +163,7 @@ class SpeechService:
                 run.truncated = True
                 log.info("request cut at --max-request-seconds after %d of %d chunks", index, len(plan.turns))
                 return
-            handle = run.first if index == 0 else self._submit(plan, index, history, left)
+            handle = run.first if index == 0 else self._submit(plan, index, history, left, run.admission)
             pieces, completed = [], False
             try:
                 async for chunk in handle:
@@ -138,6 +171,8 @@ class SpeechService:
                     run.generated += chunk.numel()
                     yield chunk
                 completed = True
+            except Exception as error:  # noqa: BLE001 - mapped, not swallowed
+                raise api_error(error) from None
             finally:
                 if not completed:
                     handle.cancel()
@@ -164,7 +199,9 @@ class SpeechService:
     def input_tokens(self, plan: Plan) -> int:
         return sum(self.generator.prompt_length(turn.text, turn.speaker, []) for turn in plan.turns)
 
-    def _submit(self, plan: Plan, index: int, history: list[Segment], frames_left: int):
+    def _submit(
+        self, plan: Plan, index: int, history: list[Segment], frames_left: int, admission: Admission
+    ) -> Handle:
         turn = plan.turns[index]
         max_ms = min(plan.max_audio_length_ms, frames_left * 1000 / _FRAMES_PER_SECOND)
         context = fit_context(self.generator, turn, plan.prompts, history, max_ms)
@@ -189,16 +226,9 @@ class SpeechService:
             seed=None if plan.seed is None else plan.seed + index,
         )
         try:
-            return self.engine.submit(request)
-        except QueueFullError as error:
-            raise APIError(
-                429,
-                f"server busy: {error}; retry later",
-                code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            ) from None
-        except ValueError as error:
-            raise APIError(400, str(error), code="invalid_value") from None
+            return self.engine.submit(request, admission)
+        except Exception as error:  # noqa: BLE001 - every engine error has its answer
+            raise api_error(error) from None
 
     async def _marked(self, marker: ClipMarker | None, audio: torch.Tensor) -> list[torch.Tensor]:
         if not audio.numel():
@@ -206,6 +236,27 @@ class SpeechService:
         if marker is None:
             return [audio]
         return await to_fresh_thread(marker.push, audio)
+
+
+def api_error(error: Exception) -> APIError:
+    """The answer to an engine's error (an unexpected one is a 500 that names its type)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, QueueFullError):
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return APIError(429, f"server busy: {error}", code="queue_full", headers=headers)
+    if isinstance(error, EngineFailedError):
+        return APIError(503, f"the speech engine failed: {error}", code="engine_failed")
+    if isinstance(error, EngineClosedError):
+        return APIError(503, "the server is shutting down; retry on another", code="shutting_down")
+    if isinstance(error, ClientTimeoutError):
+        return APIError(408, f"cancelled: {error}", code="client_timeout")
+    if isinstance(error, GenerationError):
+        return APIError(500, f"generation failed: {error}", code="generation_failed")
+    if isinstance(error, ValueError):
+        return APIError(400, str(error), code="invalid_value")
+    log.exception("unexpected error from the engine", exc_info=error)
+    return APIError(500, f"internal error: {type(error).__name__}", code="internal_error")
 
 
 def trim_history(history: list[Segment], max_positions: int) -> None:
