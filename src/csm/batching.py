@@ -173,6 +173,7 @@ class Batch:
                     f"non-finite logits: the model's state at frame {sequence.frames + 1} of this request "
                     "holds NaN or infinity, so it cannot go on (its audio would be silence)"
                 )
+                self._clear(sequence.row)
         return [
             None if sequence.error else sequence.emit(frame) for sequence, frame in zip(sequences, frames, strict=True)
         ]
@@ -214,6 +215,14 @@ class Batch:
             else:
                 index += 1
         return packed
+
+    def _clear(self, row: int) -> None:
+        """Zero cache row `row` of both transformers. A row that went non-finite leaves NaN in
+        slots that the next sequence there does not write: attention gives them zero weight, but
+        zero times NaN is still NaN."""
+        model = self.model
+        for transformer, slots in ((model.backbone, model.max_seq_len), (model.decoder, model.config.audio_num_codebooks)):
+            transformer.load_cache_prefix(row, torch.zeros_like(transformer.cache_prefix(row, slots)))
 
     def _remember(self, sequence: Sequence) -> None:
         """Keep the KV state of a context prefix that the last chunk completed."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from csm.engine import Request
+from csm.generator import Generator
 from csm.mimi import Mimi, MimiConfig
 
 # The real strides (1920 samples per frame) and 32 codebooks of 2048 entries, narrow layers.
@@ -23,3 +25,28 @@ def tiny_mimi(seed: int = 0) -> Mimi:
             if name.endswith("codebooks"):
                 buffer.normal_()
     return mimi.eval().requires_grad_(False)
+
+
+def alone(generator: Generator, request: Request) -> torch.Tensor:
+    """What `generate_stream` gives for `request` by itself (the engine's chunks are not watermarked)."""
+    chunks = generator.generate_stream(
+        request.text,
+        request.speaker,
+        request.context,
+        request.max_audio_length_ms,
+        request.temperature,
+        request.topk,
+        seed=request.seed,
+    )
+    return torch.cat(list(chunks))
+
+
+def joined(handle) -> torch.Tensor:
+    return torch.cat(list(handle))
+
+
+def assert_same_audio(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # Rows of one batched Mimi step differ from a lone decode by float rounding only; other
+    # codes would change the audio entirely.
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)

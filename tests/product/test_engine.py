@@ -12,7 +12,7 @@ from csm import Generator, Segment, batching
 from csm.engine import Engine, EngineClosedError, QueueFullError, Request
 from csm.errors import CSMError
 from tests.product.conftest import speech_like
-from tests.product.engine_parts import tiny_mimi
+from tests.product.engine_parts import alone, assert_same_audio, joined, tiny_mimi
 
 VOICE = Segment(1, "A voice to speak in.", speech_like(0.4, seed=11))
 TURN = Segment(0, "Hello, how are you?", speech_like(0.2, seed=12))
@@ -29,20 +29,6 @@ def generator(parts, codec) -> Generator:
     return Generator(model, codec, tokenizer)
 
 
-def alone(generator: Generator, request: Request) -> torch.Tensor:
-    """What `generate_stream` gives for `request` by itself (the engine's chunks are not watermarked)."""
-    chunks = generator.generate_stream(
-        request.text,
-        request.speaker,
-        request.context,
-        request.max_audio_length_ms,
-        request.temperature,
-        request.topk,
-        seed=request.seed,
-    )
-    return torch.cat(list(chunks))
-
-
 def counted(feed, positions: list[int]):
     """`Batch.feed` that also records how many prompt positions each call fed."""
 
@@ -53,17 +39,6 @@ def counted(feed, positions: list[int]):
         return state
 
     return feed_and_count
-
-
-def joined(handle) -> torch.Tensor:
-    return torch.cat(list(handle))
-
-
-def assert_same_audio(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    # Rows of one batched Mimi step differ from a lone decode by float rounding only; other
-    # codes would change the audio entirely.
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature, topk", [(1.0, 1), (0.9, 50)])
