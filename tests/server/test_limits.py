@@ -61,6 +61,11 @@ def _refused(status: int, body: bytes, what: str) -> dict:
     return error
 
 
+def _audio_seconds(server) -> float:
+    text = server.call("GET", "/metrics")[2].decode()
+    return float(next(line for line in text.splitlines() if line.startswith("csm_audio_seconds_total ")).split()[1])
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -136,8 +141,11 @@ def test_a_request_makes_at_most_max_request_seconds_of_audio_in_all(strict):
     assert float(whole[1]["x-audio-duration"]) == pytest.approx(MAX_REQUEST_SECONDS)
     assert whole[1]["x-audio-truncated"] == "max-request-seconds"
     # Slower speech is cut so that what is sent stays within the cap too.
+    made_before = _audio_seconds(strict)
     slow = strict.call("POST", "/v1/audio/speech", {**request, "speed": 0.5})
     assert slow[0] == 200 and len(slow[2]) == 2 * cap
+    # The metric counts what the model made (three frames), not the stretched samples sent.
+    assert _audio_seconds(strict) - made_before == pytest.approx(MAX_REQUEST_SECONDS / 2)
     sse = strict.call("POST", "/v1/audio/speech", {**request, "stream_format": "sse", "speed": 0.5})
     done = json.loads(sse[2].decode().strip().splitlines()[-1].removeprefix("data: "))
     # Usage counts the frames the model made (three), not the stretched samples sent.

@@ -227,21 +227,17 @@ class _AudioBody:
 async def _primed(request: Request, parts: AsyncIterator):
     """`parts` with its first item made now (or the error that came instead)."""
     try:
-        first = await _unless_gone(request, anext(parts))
+        first = [await _unless_gone(request, anext(parts))]
     except StopAsyncIteration:
-        return _items([])
+        first = []  # no audio at all (speech ended at once)
 
     async def rest():
-        yield first
+        for part in first:
+            yield part
         async for part in parts:
             yield part
 
     return rest()
-
-
-async def _items(items: list):
-    for item in items:
-        yield item
 
 
 class _Streamed(StreamingResponse):
