@@ -221,7 +221,8 @@ class Batch:
         slots that the next sequence there does not write: attention gives them zero weight, but
         zero times NaN is still NaN."""
         model = self.model
-        for transformer, slots in ((model.backbone, model.max_seq_len), (model.decoder, model.config.audio_num_codebooks)):
+        depth_slots = model.config.audio_num_codebooks
+        for transformer, slots in ((model.backbone, model.max_seq_len), (model.decoder, depth_slots)):
             transformer.load_cache_prefix(row, torch.zeros_like(transformer.cache_prefix(row, slots)))
 
     def _remember(self, sequence: Sequence) -> None:

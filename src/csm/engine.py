@@ -13,12 +13,17 @@ together, and a long prompt stalls the others for about one frame per chunk, not
 it). It samples the frames of the decoding rows and the first frames of the prompts now all in
 in one depth-decoder pass (a first frame costs a chunk of prefill, not a frame step of its
 own), decodes them to audio in one batched streaming Mimi step (a request keeps its Mimi row
-from its first frame to its end) for the requests' handles, and frees the rows of finished,
+from its first frame to its end, but while it waits for its reader) for the requests' handles, and frees the rows of finished,
 failed and cancelled requests, moving the last decoding row into each hole so that one step
 covers them all. A request computes exactly what `Generator.generate` computes for it alone:
 see `csm.batching`.
 
-Requests come from any thread or asyncio loop; those beyond the rows wait in a bounded queue.
+Requests come from any thread or asyncio loop. `submit` returns at once: a request is checked
+and its prompt made (new context audio encoded) on a thread of its own, never on the worker;
+beyond the rows requests wait in a bounded queue, and `reserve` holds a place for a caller that
+submits several in turn. A request never runs more than `max_ahead_s` of audio ahead of its
+reader: its row waits, and is cancelled if the reader stays away. If the worker ever dies,
+every request fails at once with the reason (`Engine.failure`).
 Streamed chunks are not watermarked, so that a server can watermark them as it designs;
 `Handle.result` gives the whole clip, watermarked.
 """
