@@ -15,8 +15,9 @@ import pytest
 import soundfile
 
 from csm.watermark.stream import FRAME_SAMPLES
+from tests.product.conftest import speech_like
 from tests.server.conftest import start_server
-from tests.server.test_bad_input import multipart
+from tests.server.test_bad_input import _wav, multipart
 from tests.server.test_limits import _rss_mb
 
 MAX_BATCH, MAX_QUEUE = 2, 1
@@ -147,7 +148,9 @@ def test_a_burst_past_the_queue_gets_429_and_the_admitted_all_finish(faulty):
 
 def test_sigkill_while_voices_are_written_leaves_no_half_voice(faulty, assets):
     server = faulty[-1]
-    sample = assets.voice_audio.read_bytes()
+    # 20 s each: writing and flushing 1.9 MB takes long enough for the kill to land in a write.
+    samples = speech_like(20.0, seed=11).numpy()
+    sample = _wav(samples)
     stop = threading.Event()
     answered: list[str] = []
 
@@ -188,7 +191,7 @@ def test_sigkill_while_voices_are_written_leaves_no_half_voice(faulty, assets):
         folder = restarted.voices_dir / voice_id
         assert json.loads((folder / "voice.json").read_text())["id"] == voice_id
         audio, rate = soundfile.read(folder / "audio.wav", dtype="float32")
-        assert rate == 24_000 and audio.size == soundfile.info(assets.voice_audio).frames
+        assert rate == 24_000 and audio.size == samples.size
     for voice_id in listed:
         assert restarted.call("DELETE", f"/v1/audio/voices/{voice_id}")[0] == 200
 
