@@ -153,3 +153,41 @@ def test_a_quantized_model_is_refused_with_what_to_do(assets, tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "quantized training is not supported" in error and "use the unquantized model" in error
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_crash_while_a_checkpoint_is_replaced_loses_neither_the_old_nor_the_new(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from csm.finetune.resume import Position, load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    folder, options, selection = tmp_path / "checkpoint", {"seed": 0}, torch.zeros(4)
+    save_checkpoint(folder, model, optimizer, scheduler, selection, Position(step=1), options)
+    old_weights = model.weight.detach().clone()
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    renames = []
+    real_rename = Path.rename
+
+    def crash_before_the_new_one_is_in(self, target):
+        renames.append((self.name, Path(target).name))
+        if self.name == ".checkpoint.tmp":
+            raise OSError("killed")  # the process dies here
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_before_the_new_one_is_in)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(folder, model, optimizer, scheduler, selection, Position(step=2), options)
+    monkeypatch.undo()
+    # The old one was moved aside first, the new one is complete beside it.
+    assert renames == [("checkpoint", ".checkpoint.old"), (".checkpoint.tmp", "checkpoint")]
+    assert (tmp_path / ".checkpoint.tmp" / "state.pt").is_file()
+
+    _, position = load_checkpoint(folder, model, optimizer, scheduler, options)
+    assert position.step == 1 and torch.equal(model.weight, old_weights)
+    save_checkpoint(folder, model, optimizer, scheduler, selection, Position(step=3), options)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint"]
+    assert load_checkpoint(folder, model, optimizer, scheduler, options)[1].step == 3

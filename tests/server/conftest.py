@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import csm
+
 from tests.product.conftest import assets, generator, mimi, parts, plain_generator, watermarker  # noqa: F401
 
 STARTUP_SECONDS = 180
@@ -89,7 +91,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(assets, folder: Path, *options: str, api_key: str | None = None) -> Server:  # noqa: F811
+def start_server(
+    assets,  # noqa: F811
+    folder: Path,
+    *options: str,
+    api_key: str | None = None,
+    cwd: Path | None = None,
+) -> Server:
+    """`csm serve` on a free port, voices in `folder`/voices, run in `cwd` (default: this process's)."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = folder / f"server-{port}.log"
@@ -100,12 +109,14 @@ def start_server(assets, folder: Path, *options: str, api_key: str | None = None
         "--watermarker", str(assets.watermarker), "--device", "cpu", "--dtype", "float32",
         "--voices-dir", str(voices_dir), *options,
     ]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # The csm that this test imports, wherever the server runs (PYTHONPATH may be relative).
+    source = str(Path(csm.__file__).resolve().parents[1])
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": source}
     environment.pop("CSM_API_KEY", None)
     if api_key is not None:
         environment["CSM_API_KEY"] = api_key
     with open(log, "wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment, cwd=cwd)
     server = Server(port, process, log, voices_dir, api_key)
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:

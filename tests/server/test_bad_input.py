@@ -90,9 +90,19 @@ def test_a_context_too_long_for_the_model_is_refused_before_any_audio(server):
     server.wait_idle()
 
 
-def test_serve_options_are_checked_before_anything_loads(capsys):
-    assert main(["serve", "--max-batch", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "csm: error: --max-batch must be at least 1, got 0"
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+        (["--max-queue", "-1"], "--max-queue must be at least 0, got -1"),
+        (["--max-voices", "-1"], "--max-voices must be at least 0, got -1"),
+        (["--max-request-seconds", "0"], "--max-request-seconds must be at least 0.08 (one frame), got 0.0"),
+        (["--max-request-seconds", "nan"], "--max-request-seconds must be at least 0.08 (one frame), got nan"),
+    ],
+)
+def test_serve_options_are_checked_before_anything_loads(capsys, option, message):
+    assert main(["serve", *option]) == 2
+    assert capsys.readouterr().err.strip() == f"csm: error: {message}"
 
 
 def test_not_json_and_oversized_bodies(server):

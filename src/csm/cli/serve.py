@@ -27,7 +27,19 @@ def add_commands(commands) -> None:
     serve.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests generated together (default 8)")
     serve.add_argument(
         "--max-queue", type=int, default=64, metavar="N",
-        help="requests waiting beyond those; more get 429 (default 64)",
+        help="requests waiting beyond those; more get 429 (default 64; 0: none wait)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-request-seconds", type=float, default=120.0, metavar="S",
+        help="audio one request may make, whole or streamed; longer ones end at S (default 120)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--client-timeout", type=float, default=30.0, metavar="S",
+        help="a client that reads nothing for S seconds while its audio waits is cut off (default 30)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-voices", type=int, default=1000, metavar="N",
+        help="uploaded voices kept; uploads past N get 400 (default 1000)",
     )  # fmt: skip
     serve.add_argument(
         "--api-key", metavar="KEY", help="require Authorization: Bearer KEY on every endpoint but /health "
@@ -56,9 +68,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"csm serve needs the serve extra ({missing} is missing): pip install 'csm[serve]'") from None
     from csm.devices import default_dtype, parse_dtype
 
-    for name in ("max_batch", "max_queue"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, low in (("max_batch", 1), ("max_queue", 0), ("max_voices", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if not args.max_request_seconds >= 0.08:  # also refuses NaN
+        raise ValueError(f"--max-request-seconds must be at least 0.08 (one frame), got {args.max_request_seconds}")
+    if not 0 < args.client_timeout < float("inf"):
+        raise ValueError(f"--client-timeout must be a positive number of seconds, got {args.client_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
     device = resolve_device(args.device)
@@ -77,6 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
+            max_request_seconds=args.max_request_seconds,
+            max_voices=args.max_voices,
+            client_timeout=args.client_timeout,
             api_key=args.api_key or api_key_from_environment(),
             voices_dir=str(args.voices_dir.expanduser()),
             cors_origins=tuple(args.cors_origin),

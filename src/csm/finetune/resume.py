@@ -1,7 +1,9 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and position in the data.
 
 Written to a temporary folder and renamed, so an interrupted save never leaves a broken one.
-Everything is read back with `weights_only=True`.
+The new one is renamed in before the old one is deleted: the old one is first moved aside
+(`.NAME.old`), and a crash before the new one is in place leaves it there, where the next
+save or load puts it back. Everything is read back with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def save_checkpoint(
     options: dict,
 ) -> None:
     trainable = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    _recover(folder)
     temporary = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -69,14 +72,29 @@ def save_checkpoint(
         },
         temporary / STATE,
     )
-    shutil.rmtree(folder, ignore_errors=True)
+    old = _old(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
     temporary.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _old(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _recover(folder: Path) -> None:
+    """Puts back a checkpoint that a save moved aside and then crashed before renaming the new one in."""
+    if not folder.exists() and _old(folder).is_dir():
+        _old(folder).rename(folder)
 
 
 def load_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer, scheduler, options: dict
 ) -> tuple[torch.Tensor, Position]:
     """Restore a checkpoint into a model set up like the saved one; returns (selection RNG state, position)."""
+    _recover(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / STATE).is_file():
         raise CheckpointError(f"{folder} is not a csm fine-tuning checkpoint (no {WEIGHTS} and {STATE})")
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
-import math
+import logging
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -24,17 +24,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from csm.server.encoding import MEDIA_TYPES, open_encoder
-from csm.server.errors import APIError, from_validation, install_handlers
+from csm.server.encoding import MEDIA_TYPES, open_encoder, wav_header
+from csm.server.errors import APIError, envelope, from_validation, install_handlers
 from csm.server.metrics import Metrics
 from csm.server.protocol import DeletedVoice, Model, ModelList, SpeechRequest, VoiceList
-from csm.server.speech import Plan, SpeechService
-from csm.server.uploads import decode_audio, read_body
+from csm.server.speech import Run, SpeechService
+from csm.server.uploads import body_parts, decode_audio, read_body
+from csm.server.voices import VoiceLimitError
 from csm.threads import to_fresh_thread
-from csm.watermark.stream import FRAME_SAMPLES
+
+log = logging.getLogger("csm.server")
 
 MODEL_ID = "csm-1b"
 MAX_JSON_BYTES = 16 * 2**20  # room for a few base64 context clips
@@ -56,8 +58,12 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
     api = APIRouter(dependencies=[Depends(_authorizer(api_key))])
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        failure = service.engine.failure
+        if failure is not None:
+            reason = f"the speech engine failed: {type(failure).__name__}: {failure}"
+            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -79,22 +85,11 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
 
     @api.post("/v1/audio/voices")
     async def create_voice(request: Request) -> JSONResponse:
-        fields = await _form(request, MAX_SAMPLE_BYTES + _FORM_OVERHEAD)
-        name = _text_field(fields, "name", 64)
-        text = _text_field(fields, "text", 4096)
-        _text_field(fields, "consent", 256)
-        sample = fields.get("audio_sample")
-        if not isinstance(sample, UploadFile):
-            raise APIError(400, "audio_sample: an audio file is required", param="audio_sample", code="missing_field")
-        if sample.size is not None and sample.size > MAX_SAMPLE_BYTES:
-            raise APIError(413, "audio_sample is larger than 10 MiB", param="audio_sample", code="file_too_large")
-        data = await sample.read()
+        form = await _form(request, MAX_SAMPLE_BYTES + _FORM_OVERHEAD)
         try:
-            audio = await to_fresh_thread(decode_audio, data, "audio_sample", MAX_SAMPLE_SECONDS)
-        except ValueError as error:
-            raise APIError(400, str(error), param="audio_sample", code="invalid_audio") from None
-        voice = await to_fresh_thread(service.voices.store.add, name, text, audio)
-        return JSONResponse(voice.listing().model_dump(), status_code=200)
+            return await _create_voice(service, dict(form.multi_items()))
+        finally:
+            await form.close()  # the sample's temporary file, whatever the answer
 
     @api.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(voice_id: str) -> DeletedVoice:
@@ -111,60 +106,97 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
             body = SpeechRequest.model_validate_json(await read_body(request, MAX_JSON_BYTES))
         except ValidationError as error:
             raise from_validation(error) from None
-        plan = await service.plan(body)
-        first = service.start(plan)
-        audio = _AudioBody(service, plan, first, body.response_format, metrics, started)
-        if body.stream_format == "sse":
-            return _Streamed(
-                first, audio.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        if body.stream:
-            return _Streamed(first, audio, media_type=MEDIA_TYPES[body.response_format])
+        run = await service.start(await service.plan(body))
+        audio = _AudioBody(service, run, body.response_format, metrics, started)
+        sse = body.stream_format == "sse"
+        if not (sse or body.stream):
+            try:
+                return await _unless_gone(request, audio.whole())
+            finally:
+                run.close()
         try:
-            return await _unless_gone(request, audio.whole())
-        finally:
-            first.cancel()
+            # Headers leave with the first audio: whatever fails before it is answered with its status.
+            content = await _primed(request, audio.events() if sse else aiter(audio))
+        except BaseException:
+            run.close()
+            raise
+        if sse:
+            return _Streamed(run, content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _Streamed(run, content, media_type=MEDIA_TYPES[body.response_format])
 
     app.include_router(api)
     return app
 
 
+async def _create_voice(service: SpeechService, fields: dict) -> JSONResponse:
+    name = _text_field(fields, "name", 64)
+    text = _text_field(fields, "text", 4096)
+    _text_field(fields, "consent", 256)
+    sample = fields.get("audio_sample")
+    if not isinstance(sample, UploadFile):
+        raise APIError(400, "audio_sample: an audio file is required", param="audio_sample", code="missing_field")
+    if sample.size is not None and sample.size > MAX_SAMPLE_BYTES:
+        raise APIError(413, "audio_sample is larger than 10 MiB", param="audio_sample", code="file_too_large")
+    try:
+        service.voices.store.check_room()  # before decoding; `add` checks again
+        data = await sample.read()
+        try:
+            audio = await to_fresh_thread(decode_audio, data, "audio_sample", MAX_SAMPLE_SECONDS)
+        except ValueError as error:
+            raise APIError(400, str(error), param="audio_sample", code="invalid_audio") from None
+        voice = await to_fresh_thread(service.voices.store.add, name, text, audio)
+    except VoiceLimitError as error:
+        raise APIError(400, str(error), code="too_many_voices") from None
+    return JSONResponse(voice.listing().model_dump(), status_code=200)
+
+
 class _AudioBody:
     """One response's audio, encoded by one encoder: streamed bytes, SSE events, or whole."""
 
-    def __init__(
-        self, service: SpeechService, plan: Plan, first, response_format: str, metrics: Metrics, started: float
-    ):
-        self.service, self.plan, self.first = service, plan, first
+    def __init__(self, service: SpeechService, run: Run, response_format: str, metrics: Metrics, started: float):
+        self.service, self.run = service, run
         self.format, self.metrics, self.started = response_format, metrics, started
-        self.samples = 0
+        self.samples = 0  # sent, after speed
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        encoder = open_encoder(self.format, self.service.sample_rate)
+        """The encoded stream; an error after the first bytes ends it cleanly (logged), as
+        raw audio has no way to say more."""
+        async for data in self._encoded(self.format, end_cleanly=True):
+            if data:
+                yield data
+
+    async def _encoded(self, response_format: str, end_cleanly: bool = False) -> AsyncIterator[bytes]:
+        encoder = open_encoder(response_format, self.service.sample_rate)
         try:
-            async for piece in self.service.stream(self.plan, self.first):
+            async for piece in self.service.stream(self.run):
                 if self.samples == 0:
                     self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
                 self.samples += piece.numel()
-                data = encoder.encode(piece)
-                if data:
-                    yield data
-            yield encoder.finish()
+                yield encoder.encode(piece)
+        except APIError as error:
+            if not (end_cleanly and self.samples):
+                raise
+            log.warning("stream ended after %d samples: %s", self.samples, error.message)
         finally:
-            self.metrics.audio_seconds.inc(self.samples / self.service.sample_rate)
+            # What the model made: speed changes what is sent, not the work done.
+            self.metrics.audio_seconds.inc(self.run.generated / self.service.sample_rate)
+        yield encoder.finish()
 
     async def events(self) -> AsyncIterator[str]:
-        """`speech.audio.delta` events with base64 audio, then `speech.audio.done` (or `speech.audio.error`)."""
+        """`speech.audio.delta` events with base64 audio, then `speech.audio.done`, or after
+        some audio `speech.audio.error` (before any, the error is the response's status)."""
         try:
-            async for data in self:
+            async for data in self._encoded(self.format):
                 if data:
                     yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        except Exception as error:  # noqa: BLE001 - a failure mid-stream is reported in the stream
-            message = error.message if isinstance(error, APIError) else str(error)
-            yield _event({"type": "speech.audio.error", "error": {"message": message, "type": "server_error"}})
+        except APIError as error:
+            if not self.samples:
+                raise
+            log.warning("stream ended after %d samples: %s", self.samples, error.message)
+            yield _event({"type": "speech.audio.error", **envelope(error.status, error.message, code=error.code)})
             return
-        text = self.service.input_tokens(self.plan)
-        frames = math.ceil(self.samples / FRAME_SAMPLES)
+        text = self.service.input_tokens(self.run.plan)
+        frames = self.run.frames
         yield _event(
             {
                 "type": "speech.audio.done",
@@ -173,34 +205,54 @@ class _AudioBody:
         )
 
     async def whole(self) -> Response:
-        """Everything at once, marked as one clip, with its duration and real-time factor in headers."""
-        audio = await self.service.whole(self.plan, self.first)
-        self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
-        encoder = open_encoder(self.format, self.service.sample_rate, total_samples=audio.numel())
-        content = encoder.encode(audio) + encoder.finish()
-        seconds = audio.numel() / self.service.sample_rate
-        self.metrics.audio_seconds.inc(seconds)
+        """Everything at once (the stream's audio, encoded as it comes), with its duration and real-time factor.
+
+        Only encoded bytes are kept; a wav gets its exact header once the length is known.
+        """
+        parts = [data async for data in self._encoded("pcm" if self.format == "wav" else self.format)]
+        if self.format == "wav":
+            parts.insert(0, wav_header(self.service.sample_rate, self.samples))
+        content = b"".join(parts)
+        seconds = self.samples / self.service.sample_rate
         wall = time.perf_counter() - self.started
         headers = {
             "X-Audio-Duration": f"{seconds:.3f}",
             "X-Real-Time-Factor": f"{wall / seconds:.3f}" if seconds else "0",
         }
+        if self.run.truncated:
+            headers["X-Audio-Truncated"] = "max-request-seconds"
         return Response(content, media_type=MEDIA_TYPES[self.format], headers=headers)
 
 
-class _Streamed(StreamingResponse):
-    """A streamed response that cancels its first engine request however it ends, even
-    when the client leaves before the body starts (later sentence chunks cancel themselves)."""
+async def _primed(request: Request, parts: AsyncIterator):
+    """`parts` with its first item made now (or the error that came instead)."""
+    try:
+        first = [await _unless_gone(request, anext(parts))]
+    except StopAsyncIteration:
+        first = []  # no audio at all (speech ended at once)
 
-    def __init__(self, first, content, **kwargs):
+    async def rest():
+        for part in first:
+            yield part
+        async for part in parts:
+            yield part
+
+    return rest()
+
+
+class _Streamed(StreamingResponse):
+    """A streamed response that ends its engine run however it ends, even when the client
+    leaves before the body starts (later sentence chunks cancel themselves)."""
+
+    def __init__(self, run: Run, content, **kwargs):
         super().__init__(content, **kwargs)
-        self._first = first
+        self._run = run
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._first.cancel()
+            self._run.close()
 
 
 def _event(payload: dict) -> str:
@@ -208,8 +260,12 @@ def _event(payload: dict) -> str:
 
 
 async def _unless_gone(request: Request, work):
-    """Awaits `work`, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
+    """Awaits `work` (an awaitable), cancelling it if the client disconnects first."""
+
+    async def wrapped():
+        return await work
+
+    task = asyncio.ensure_future(wrapped())
     while True:
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if done:
@@ -219,7 +275,7 @@ async def _unless_gone(request: Request, work):
             raise APIError(499, "client disconnected")
 
 
-async def _form(request: Request, limit: int) -> dict:
+async def _form(request: Request, limit: int) -> FormData:
     """A multipart form, its body capped at `limit` bytes while it streams in."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(415, "expected multipart/form-data", code="unsupported_media_type")
@@ -229,7 +285,7 @@ async def _form(request: Request, limit: int) -> dict:
 
     async def capped() -> AsyncIterator[bytes]:
         received = 0
-        async for part in request.stream():
+        async for part in body_parts(request):
             received += len(part)
             if received > limit:
                 raise APIError(413, "upload larger than 10 MiB", code="file_too_large")
@@ -240,7 +296,7 @@ async def _form(request: Request, limit: int) -> dict:
         form = await parser.parse()
     except MultiPartException as error:
         raise APIError(400, f"bad multipart body: {error.message}", code="invalid_form") from None
-    return dict(form.multi_items())
+    return form
 
 
 def _text_field(fields: dict, name: str, max_chars: int) -> str:

@@ -3,7 +3,7 @@
 `mp3`, `opus` (in Ogg), `aac` (ADTS) and `flac` go through PyAV's bundled FFmpeg encoders,
 so a streamed body is one continuous stream that plays without clicks. `wav` is one
 header followed by 16-bit samples: streamed, its RIFF and data sizes are 0xFFFFFFFF
-(unknown, as players expect); with the length known up front they are exact. `pcm` is
+(unknown, as players expect); a whole response puts an exact header before its samples. `pcm` is
 the bare samples: 24 kHz, signed 16-bit little-endian, mono.
 """
 
@@ -48,16 +48,17 @@ class Encoder(ABC):
         return b""
 
 
-def open_encoder(response_format: str, sample_rate: int, total_samples: int | None = None) -> Encoder:
-    """An encoder for `response_format`; `total_samples`, when known, makes a wav header exact."""
+def open_encoder(response_format: str, sample_rate: int) -> Encoder:
+    """An encoder for `response_format` (a wav's header says its length is unknown: see `wav_header`)."""
     if response_format == "pcm":
         return _PCM()
     if response_format == "wav":
-        return _WAV(sample_rate, total_samples)
+        return _WAV(sample_rate)
     return _PyAV(response_format, sample_rate)
 
 
 def wav_header(sample_rate: int, total_samples: int | None) -> bytes:
+    """A 16-bit mono wav header; sizes 0xFFFFFFFF (unknown) when `total_samples` is None."""
     data = _UNKNOWN_SIZE if total_samples is None else 2 * total_samples
     riff = _UNKNOWN_SIZE if total_samples is None else 36 + data
     fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, 2 * sample_rate, 2, 16)
@@ -78,8 +79,8 @@ class _PCM(Encoder):
 
 
 class _WAV(Encoder):
-    def __init__(self, sample_rate: int, total_samples: int | None):
-        self._header = wav_header(sample_rate, total_samples)
+    def __init__(self, sample_rate: int):
+        self._header = wav_header(sample_rate, None)
 
     def encode(self, audio: torch.Tensor) -> bytes:
         header, self._header = self._header, b""

@@ -47,6 +47,9 @@ class ServeOptions:
     adapter: str | None
     max_batch: int
     max_queue: int
+    max_request_seconds: float
+    max_voices: int
+    client_timeout: float
     api_key: str | None
     voices_dir: str
     cors_origins: tuple[str, ...]
@@ -73,7 +76,7 @@ def serve(options: ServeOptions) -> None:
         adapter=options.adapter,
     )
     builtin = run_in_fresh_thread(_builtin_voices, options.model)  # as loading: see csm.threads
-    voices = Voices(builtin, VoiceStore(options.voices_dir))
+    voices = Voices(builtin, VoiceStore(options.voices_dir, options.max_voices))
     log.info(
         "loaded CSM %s (%s%s%s) on %s, Mimi %s, in %.1f s",
         options.model, str(options.dtype).removeprefix("torch."),
@@ -85,20 +88,26 @@ def serve(options: ServeOptions) -> None:
     else:
         log.warning("watermark: OFF for every response (--no-watermark)")
     log.info(
-        "voices: built-in %s; %d stored in %s; OpenAI names %s",
+        "voices: built-in %s; %d stored in %s (at most %d); OpenAI names %s",
         ", ".join(builtin) or "none (the model folder has no prompts/)", len(voices.store), voices.store.folder,
+        options.max_voices,
         ", ".join(f"{name}={voices.mapping(name)}" for name in OPENAI_VOICES),
     )  # fmt: skip
     log.info("API key: %s", "required" if options.api_key else "none (anyone who can reach the port may use it)")
-    with Engine(generator, max_batch=options.max_batch, max_queue=options.max_queue) as engine:
+    engine = Engine(
+        generator, max_batch=options.max_batch, max_queue=options.max_queue, client_timeout_s=options.client_timeout
+    )
+    with engine:
         mark = generator.watermark if options.watermark else None
-        app = create_app(
-            SpeechService(engine, generator, voices, mark), api_key=options.api_key, cors_origins=options.cors_origins
-        )
+        service = SpeechService(engine, generator, voices, mark, options.max_request_seconds)
+        app = create_app(service, api_key=options.api_key, cors_origins=options.cors_origins)
         log.info(
-            "engine: %d slots, queue of %d; serving on http://%s:%d/",
+            "engine: %d slots, queue of %d; at most %g s of audio a request; readers %g s behind are cut off; "
+            "serving on http://%s:%d/",
             options.max_batch,
             options.max_queue,
+            options.max_request_seconds,
+            options.client_timeout,
             _host(options.host),
             options.port,
         )

@@ -81,8 +81,3 @@ class TimeStretch:
             pieces.append(torch.from_numpy(frame.to_ndarray().reshape(-1).astype(np.float32)))
         return torch.cat(pieces) if pieces else torch.zeros(0)
 
-
-def stretch(audio: torch.Tensor, speed: float, sample_rate: int) -> torch.Tensor:
-    """A whole clip stretched at once."""
-    stretcher = TimeStretch(speed, sample_rate)
-    return torch.cat([stretcher.push(audio), stretcher.finish()])
