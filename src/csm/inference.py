@@ -20,12 +20,15 @@ for saving; the prepared one is for generation only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from csm import quantize as quantization
+from csm.kernels import MV, Choice, KernelTable, Shape, default_table
+from csm.kernels import chooses as kernel_chooses
 from csm.llama import Linear, is_matrix_vector
 from csm.model import CSM
 from csm.quantize import FORMATS, QuantizedLinear, QuantizedWeight, concatenate
@@ -48,13 +51,19 @@ def quantized_linear_names(model: CSM) -> list[str]:
 
 
 def prepare(
-    model: CSM, quantize: str | None = None, *, quantized: Callable[[str], QuantizedWeight] | None = None
+    model: CSM,
+    quantize: str | None = None,
+    *,
+    quantized: Callable[[str], QuantizedWeight] | None = None,
+    kernels: KernelTable | None = None,
 ) -> CSM:
     """Fuse (and with `quantize`, quantize) the linears of `model` in place; returns it.
 
     `quantized` reads the already quantized weight of a linear by its published name (from a
     quantized checkpoint, one layer at a time); the linears of `model` may then be on the
-    meta device.
+    meta device. The one-row kernel of every bf16 weight on the CPU is then chosen from
+    `kernels` (default: `csm.kernels.default_table()`, measured on first use), see
+    `choose_kernels`.
     """
     check_quantize(quantize)
     dtype = model.codebook0_head.weight.dtype
@@ -78,7 +87,46 @@ def prepare(
     model.projection = fused("projection")
     if not model.audio_head.is_meta:
         arrange_audio_head(model)
+    choose_kernels(model, kernels)
     return model
+
+
+def choose_kernels(model: CSM, table: KernelTable | None = None) -> list[ProductKernel]:
+    """Give each bf16/fp16 CPU linear of `model`, and the depth decoder's heads, the one-row
+    kernel that `table` finds fastest for its shape; returns what was chosen, per shape.
+
+    Idempotent; weights still on the meta device (a quantized checkpoint being built) are left
+    for a later call. A linear whose choice is `onednn-packed` has its weight packed in place.
+    """
+    table = table or default_table()
+    chosen: dict[Shape, ProductKernel] = {}
+
+    def choose(name: str, weight: torch.Tensor) -> Choice:
+        shape = Shape(weight.shape[0], weight.shape[1], weight.dtype)
+        choice = table.choice(shape)
+        if shape in chosen:
+            chosen[shape].names.append(name)
+        else:
+            chosen[shape] = ProductKernel(shape, choice, [name])
+        return choice
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and kernel_chooses(module.weight):
+            module.use_kernel(choose(name, module.weight).kernel)
+    head = model.audio_head
+    if kernel_chooses(head[0].t()) and head[0].t().is_contiguous():
+        # The heads are slices of one tensor, passed to the compiled step: a plain kernel only.
+        model.head_kernel = choose("audio_head", head[0].t()).plain
+    return list(chosen.values())
+
+
+@dataclass
+class ProductKernel:
+    """The kernel chosen for one weight shape, and the modules that have that shape."""
+
+    shape: Shape
+    choice: Choice
+    names: list[str]
 
 
 def arrange_audio_head(model: CSM) -> None:
@@ -121,6 +169,17 @@ class FusedLinear(nn.Module):
         self.sizes = sizes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if isinstance(self.linear, Linear) and not is_matrix_vector(x):
-            return tuple(F.linear(x, weight) for weight in self.linear.weight.split(self.sizes))
-        return self.linear(x).split(self.sizes, dim=-1)
+        linear = self.linear
+        if isinstance(linear, Linear) and linear.packed_key is None and self._separately(x, linear.kernel):
+            return tuple(F.linear(x, weight) for weight in linear.weight.split(self.sizes))
+        return linear(x).split(self.sizes, dim=-1)
+
+    @staticmethod
+    def _separately(x: torch.Tensor, kernel: str) -> bool:
+        """Whether the parts run apart, as the separate linears did: on the CPU, except one row
+        through `torch.mv` (exact) and products whose kernel was chosen by speed (bf16 and fp16,
+        which need not match the separate products bit for bit). A GPU always runs one product:
+        there a launch costs more than rounding is worth, and float32 there is not the oracle's."""
+        if x.device.type != "cpu" or is_matrix_vector(x):
+            return False
+        return x.dtype == torch.float32 or kernel == MV

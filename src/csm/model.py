@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csm import kernels
 from csm.errors import CheckpointError
 from csm.heap import return_freed_memory
 from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
@@ -100,6 +101,8 @@ class CSM(nn.Module):
         self.register_buffer(
             "codebook_offsets", torch.empty(config.audio_num_codebooks, dtype=torch.long), persistent=False
         )
+        # The heads' one-row kernel (`csm.kernels`), chosen by `csm.inference.choose_kernels`.
+        self.head_kernel = kernels.MV
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -137,7 +140,7 @@ class CSM(nn.Module):
         # Imported here because loading depends on the network, not the other way round.
         from csm.checkpoints import build_model, open_checkpoint
         from csm.compiled import compile_frame_step
-        from csm.inference import check_quantize, prepare
+        from csm.inference import check_quantize, choose_kernels, prepare
         from csm.quantized_checkpoint import build_quantized_model
 
         check_quantize(quantize)
@@ -152,6 +155,7 @@ class CSM(nn.Module):
                     f"load it with quantize=None or {checkpoint.quantization!r} and the default dtype"
                 )
             model = build_quantized_model(checkpoint, device=device)
+            choose_kernels(model)  # its heads, read after the quantized linears were built
         else:
             dtype = dtype or (torch.bfloat16 if quantize else torch.float32)
             # The published layout, adapter merged: the swap to fast modules comes after.
@@ -162,7 +166,7 @@ class CSM(nn.Module):
 
     def setup_caches(self, batch_size: int) -> None:
         """Preallocate the KV caches of both transformers for `batch_size` rows."""
-        device = self.codebook0_head.weight.device
+        device = self.codebook_offsets.device
         self.backbone.setup_caches(batch_size, self.max_seq_len)
         # The depth decoder only ever sees the positions of one frame's codebooks.
         self.decoder.setup_caches(batch_size, self.config.audio_num_codebooks)
@@ -290,7 +294,7 @@ class CSM(nn.Module):
         positions [B, S], through that codebook's head [decoder dim, V]."""
         hidden = self.decoder(self.projection(inputs), positions, rows)[:, -1]
         if head.t().is_contiguous():  # laid out as rows by `csm.inference.prepare`
-            return linear(hidden, head.t())
+            return linear(hidden, head.t(), self.head_kernel)
         return torch.mm(hidden, head)
 
     def _check_caches(self, batch_size: int, rows: slice | None) -> slice:
