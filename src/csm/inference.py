@@ -19,6 +19,7 @@ for saving; the prepared one is for generation only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csm import quantize as quantization
+from csm.device_quantize import device_linear
 from csm.kernels import MV, Choice, KernelTable, Shape, default_table
 from csm.kernels import chooses as kernel_chooses
 from csm.llama import Linear, is_matrix_vector
@@ -91,12 +93,13 @@ def prepare(
     return model
 
 
-def choose_kernels(model: CSM, table: KernelTable | None = None) -> list[ProductKernel]:
+def choose_kernels(model: CSM, table: KernelTable | None = None, *, apply: bool = True) -> list[ProductKernel]:
     """Give each bf16/fp16 CPU linear of `model`, and the depth decoder's heads, the one-row
     kernel that `table` finds fastest for its shape; returns what was chosen, per shape.
 
     Idempotent; weights still on the meta device (a quantized checkpoint being built) are left
     for a later call. A linear whose choice is `onednn-packed` has its weight packed in place.
+    With `apply=False` it only reports (what `csm bench` prints).
     """
     table = table or default_table()
     chosen: dict[Shape, ProductKernel] = {}
@@ -112,11 +115,15 @@ def choose_kernels(model: CSM, table: KernelTable | None = None) -> list[Product
 
     for name, module in model.named_modules():
         if isinstance(module, Linear) and kernel_chooses(module.weight):
-            module.use_kernel(choose(name, module.weight).kernel)
+            choice = choose(name, module.weight)
+            if apply:
+                module.use_kernel(choice.kernel)
     head = model.audio_head
     if kernel_chooses(head[0].t()) and head[0].t().is_contiguous():
         # The heads are slices of one tensor, passed to the compiled step: a plain kernel only.
-        model.head_kernel = choose("audio_head", head[0].t()).plain
+        choice = choose("audio_head", head[0].t())
+        if apply:
+            model.head_kernel = choice.plain
     return list(chosen.values())
 
 
@@ -127,6 +134,17 @@ class ProductKernel:
     shape: Shape
     choice: Choice
     names: list[str]
+
+    @property
+    def kernel(self) -> str:
+        """The kernel these modules run: the heads cannot be packed, so they take the best plain one."""
+        return self.choice.plain if self.names == ["audio_head"] else self.choice.kernel
+
+    @property
+    def label(self) -> str:
+        """The modules by their name within a layer: "backbone attn.qkv_proj", "audio_head"."""
+        names = (re.sub(r"\.layers\.\d+\.", " ", name).removesuffix(".linear") for name in self.names)
+        return ", ".join(dict.fromkeys(names))
 
 
 def arrange_audio_head(model: CSM) -> None:
@@ -141,17 +159,25 @@ def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -
     """One module for the linears whose weights are `parts`: itself for one, else a `FusedLinear`."""
     sizes = [part.shape[0] for part in parts]
     if all(isinstance(part, QuantizedWeight) for part in parts):
-        linear = QuantizedLinear(concatenate(parts))
+        linear = _quantized_linear(concatenate(parts))
     else:
         weight = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts[:]  # the separate weights are freed as soon as their modules are
         if quantize is not None:
-            linear = QuantizedLinear(quantization.quantize(weight, quantize))
+            linear = _quantized_linear(quantization.quantize(weight, quantize))
         else:
             with torch.device("meta"):
                 linear = Linear(weight.shape[1], weight.shape[0])
             linear.weight = nn.Parameter(weight, requires_grad=False)
     return linear if len(sizes) == 1 else FusedLinear(linear, sizes)
+
+
+def _quantized_linear(weight: QuantizedWeight) -> nn.Module:
+    """The CPU kernels' module on the CPU; on a GPU PyTorch's kernels there, or a clear refusal
+    (`csm.device_quantize`): never the whole weight dequantized at every product."""
+    if weight.data.device.type in ("cpu", "meta"):
+        return QuantizedLinear(weight)
+    return device_linear(weight)
 
 
 class FusedLinear(nn.Module):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csm import kernels
+from csm.devices import embedding_bag_runs_on
 from csm.errors import CheckpointError
 from csm.heap import return_freed_memory
 from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
@@ -140,6 +141,7 @@ class CSM(nn.Module):
         # Imported here because loading depends on the network, not the other way round.
         from csm.checkpoints import build_model, open_checkpoint
         from csm.compiled import compile_frame_step
+        from csm.devices import capabilities, check_dtype
         from csm.inference import check_quantize, choose_kernels, prepare
         from csm.quantized_checkpoint import build_quantized_model
 
@@ -147,6 +149,8 @@ class CSM(nn.Module):
         if (quantize is not None) and dtype not in (None, torch.bfloat16):
             raise ValueError(f"quantize={quantize!r} runs in bfloat16, not {str(dtype).removeprefix('torch.')}")
         device = torch.device(device or "cpu")
+        if device.type in ("cuda", "mps"):
+            check_dtype(capabilities(device), dtype or (torch.bfloat16 if quantize else torch.float32))
         checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
         if checkpoint.quantization is not None:
             if quantize not in (None, checkpoint.quantization) or dtype not in (None, torch.bfloat16):
@@ -205,12 +209,16 @@ class CSM(nn.Module):
         """
         batch, seq, _ = tokens.shape
         weights = tokens_mask.to(self.audio_embeddings.weight.dtype)
-        audio = F.embedding_bag(
-            (tokens[..., :-1] + self.codebook_offsets).flatten(0, 1),
-            self.audio_embeddings.weight,
-            mode="sum",
-            per_sample_weights=weights[..., :-1].flatten(0, 1),
-        ).view(batch, seq, -1)
+        codes = tokens[..., :-1] + self.codebook_offsets
+        if embedding_bag_runs_on(tokens.device):
+            audio = F.embedding_bag(
+                codes.flatten(0, 1),
+                self.audio_embeddings.weight,
+                mode="sum",
+                per_sample_weights=weights[..., :-1].flatten(0, 1),
+            ).view(batch, seq, -1)
+        else:  # older torch on MPS: the same sum, from the gathered rows
+            audio = (self.audio_embeddings(codes) * weights[..., :-1, None]).sum(dim=2)
         return audio + self.text_embeddings(tokens[..., -1]) * weights[..., -1:]
 
     def backbone_hidden(
