@@ -131,13 +131,14 @@ def plain_product(kernel: str, x: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def measure(shape: Shape, candidates: tuple[str, ...] | None = None) -> dict[str, float]:
-    """GB/s of weight read by each candidate on one row, on this machine, now (~0.5 s a shape).
+    """GB/s of weight read by each candidate on one row, on this machine, now (~1-3 s a shape).
 
-    The candidates run interleaved, round after round, each round ~20 ms of calls over copies
-    of the weight too large together for the caches; each candidate keeps its fastest round.
-    The machine is often shared: another process only ever slows a round down, so the fastest
-    round is the one least disturbed, and interleaving exposes every candidate to the same
-    disturbances.
+    The candidates run interleaved, round after round, each round ~20 ms of calls that go on
+    through copies of the weight too large together for the caches. Each call is timed, and a
+    candidate's speed is that of its 10th-percentile call. The machine is often shared, and on
+    two cores a parallel kernel whose second thread is descheduled runs several times slower:
+    another process only ever slows a call down, so the fast calls are the undisturbed ones,
+    and a low percentile rather than the minimum keeps one lucky call from deciding.
     """
     candidates = candidates or available(shape.dtype)
     copies = max(1, min(_MAX_COPIES, math.ceil(_CACHE_BYTES / shape.nbytes)))
@@ -152,24 +153,31 @@ def measure(shape: Shape, candidates: tuple[str, ...] | None = None) -> dict[str
         else:
             calls[name] = [partial(plain_product, name, x, weight) for weight in weights]
     next_copy = dict.fromkeys(calls, 0)
+    times: dict[str, list[float]] = {name: [] for name in calls}
 
-    def run(name: str, count: int) -> float:
-        """Seconds per call over `count` calls, going on through the copies where the last run stopped."""
-        started = time.perf_counter()
+    def run(name: str, count: int) -> list[float]:
+        """Seconds of each of `count` calls, going on through the copies where the last run stopped."""
+        seconds = []
         for _ in range(count):
+            started = time.perf_counter()
             calls[name][next_copy[name] % copies]()
+            seconds.append(time.perf_counter() - started)
             next_copy[name] += 1
-        return (time.perf_counter() - started) / count
+        return seconds
 
     # The warm-up (page faults, oneDNN's kernel generation) also sizes the rounds.
     counts = {name: max(2, min(copies, 4)) for name in calls}
-    counts = {name: max(2, round(_ROUND_SECONDS / max(run(name, count), 1e-7))) for name, count in counts.items()}
-    best = dict.fromkeys(calls, math.inf)
+    counts = {name: max(2, round(_ROUND_SECONDS / max(min(run(name, count)), 1e-7))) for name, count in counts.items()}
     order = list(calls)
     for round_ in range(_ROUNDS):
         for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
-            best[name] = min(best[name], run(name, counts[name]))
-    return {name: shape.nbytes / seconds / 1e9 for name, seconds in best.items()}
+            times[name] += run(name, counts[name])
+    return {name: shape.nbytes / _percentile(seconds, 0.1) / 1e9 for name, seconds in times.items()}
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def available(dtype: torch.dtype) -> tuple[str, ...]:
