@@ -99,22 +99,6 @@ def test_converse_renders_the_turns_after_their_prompts(assets, tmp_path):
     assert rate == 24_000 and audio.numel() == 2 * 2 * FRAME
 
 
-def test_watermark_check_answers_per_file_and_by_exit_status(assets, watermarker, tmp_path):
-    marked = tmp_path / "marked.wav"
-    audio = speech_like(1.5, seed=4)
-    save_audio(marked, watermarker.encode(audio, 24_000), 24_000)
-    plain = tmp_path / "plain.wav"
-    save_audio(plain, audio, 24_000)
-    expected = {path: watermarker.verify(*read_audio(path)) for path in (marked, plain)}
-
-    done = _csm(
-        "watermark", "check", str(marked), str(plain), "--watermarker", str(assets.watermarker), "--device", "cpu"
-    )
-    lines = done.stdout.decode().splitlines()
-    assert lines == [f"{'Watermarked' if expected[path] else 'Not watermarked'}: {path}" for path in (marked, plain)]
-    assert done.returncode == (0 if all(expected.values()) else 1)
-
-
 def test_info_shows_versions_device_and_where_each_artifact_is(assets):
     done = _csm(
         "info",

@@ -156,11 +156,18 @@ class Watermarker:
         sample_rate: int,
         key: Sequence[int] = CSM_KEY,
         *,
+        thorough: bool = True,
         progress: Callable[[int], None] | None = None,
     ) -> bool:
-        """True when (a channel of) `audio` carries `key`; `progress` as in `decode`."""
+        """True when (a channel of) `audio` carries `key`; `progress` as in `decode`.
+
+        `thorough=False` reads the first cut only: one network pass, which finds the mark of
+        a clip as it was written (marked clips start on the watermark's grid). False is then
+        inconclusive: an edited or trimmed clip may carry the mark at another cut, which only
+        the full search (up to 205 passes) finds.
+        """
         expected = list(check_key(key))
-        results = self.decode(audio, sample_rate, phase_shift_decoding=True, progress=progress)
+        results = self.decode(audio, sample_rate, phase_shift_decoding=thorough, progress=progress)
         return any(result["status"] and result["messages"][0] == expected for result in _as_list(results))
 
     def _encode_channel(
