@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from csm import kernels
 from csm.compiled import outliving_replays
 from csm.model import CSM
 from tests.csm.test_inference import frames
@@ -84,3 +85,21 @@ def test_a_compiled_bf16_row_product_runs_the_eager_mat_vec_kernel():
     assert torch.equal(compiled(x, weight), linear(x, weight))
     graph = torch._dynamo.explain(linear)(x, weight).graphs[0]
     assert "csm.matrix_vector" in str(graph.code)
+
+
+@pytest.mark.skipif(kernels.PACKED not in kernels.available(torch.bfloat16), reason="oneDNN cannot pack bf16 here")
+def test_a_compiled_packed_linear_runs_the_packed_kernel_outside_the_graph():
+    """A packed weight is an opaque oneDNN tensor that the compiler cannot trace: the graph calls
+    `csm::packed_linear` with the module's key, and gets the eager product bit for bit."""
+    from csm.llama import Linear
+
+    generator = torch.Generator().manual_seed(1)
+    module = Linear(384, 512)
+    module.weight = torch.nn.Parameter(torch.randn(512, 384, generator=generator).to(torch.bfloat16), requires_grad=False)
+    module.use_kernel(kernels.PACKED)
+    assert module.weight.is_mkldnn
+    x = torch.randn(1, 1, 384, generator=generator).to(torch.bfloat16)
+    compiled = torch.compile(module, dynamic=False)
+    assert torch.equal(compiled(x), module(x))
+    graph = torch._dynamo.explain(module)(x).graphs[0]
+    assert "csm.packed_linear" in str(graph.code)
