@@ -103,6 +103,10 @@ def choose_kernels(model: CSM, table: KernelTable | None = None, *, apply: bool 
     """
     table = table or default_table()
     chosen: dict[Shape, ProductKernel] = {}
+    # Every shape first, so that those not in the cache are measured together (see measure_many).
+    weights = [module.weight for module in model.modules() if isinstance(module, Linear)]
+    weights.append(model.audio_head[0].t())
+    table.choices([Shape(w.shape[0], w.shape[1], w.dtype) for w in weights if kernel_chooses(w)])
 
     def choose(name: str, weight: torch.Tensor) -> Choice:
         shape = Shape(weight.shape[0], weight.shape[1], weight.dtype)

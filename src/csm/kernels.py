@@ -57,10 +57,10 @@ CACHE_VERSION = 1
 # Measured over copies of a weight that together exceed the L3 cache (at most 64): in a frame
 # every weight comes from memory, so a kernel timed on a cached weight would win by a speed it
 # never has there.
-_CACHE_BYTES = 96 << 20
+_CACHE_BYTES = 64 << 20
 _MAX_COPIES = 64
-_ROUNDS = 7
-_ROUND_SECONDS = 0.02
+_ROUNDS = 10
+_ROUND_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -131,48 +131,78 @@ def plain_product(kernel: str, x: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 def measure(shape: Shape, candidates: tuple[str, ...] | None = None) -> dict[str, float]:
-    """GB/s of weight read by each candidate on one row, on this machine, now (~1-3 s a shape).
+    """GB/s of weight read by each candidate on one row of `shape`, on this machine, now."""
+    return measure_many([shape], candidates)[shape]
 
-    The candidates run interleaved, round after round, each round ~20 ms of calls that go on
-    through copies of the weight too large together for the caches. Each call is timed, and a
-    candidate's speed is that of its 10th-percentile call. The machine is often shared, and on
-    two cores a parallel kernel whose second thread is descheduled runs several times slower:
-    another process only ever slows a call down, so the fast calls are the undisturbed ones,
-    and a low percentile rather than the minimum keeps one lucky call from deciding.
+
+def measure_many(shapes: list[Shape], candidates: tuple[str, ...] | None = None) -> dict[Shape, dict[str, float]]:
+    """GB/s of weight read by each candidate on one row of each shape (~1-3 s a shape).
+
+    Round after round, every shape's candidates run interleaved, each for ~10 ms of calls that
+    go on through copies of the weight too large together for the caches. Each call is timed,
+    and a candidate's speed is that of its 10th-percentile call. The machine is often shared,
+    and on two cores a parallel kernel whose second thread is descheduled runs several times
+    slower: another process only ever slows a call down, so the fast calls are the undisturbed
+    ones, a low percentile rather than the minimum keeps one lucky call from deciding, and the
+    rounds spread each shape's calls over the whole measurement, so that a burst of other work
+    cannot spoil one shape's every call.
     """
-    candidates = candidates or available(shape.dtype)
-    copies = max(1, min(_MAX_COPIES, math.ceil(_CACHE_BYTES / shape.nbytes)))
-    # One buffer of random values, cut into contiguous copies (fast to fill, unlike randn).
-    buffer = torch.empty(copies * shape.out_features * shape.in_features, dtype=shape.dtype).uniform_(-1, 1)
-    weights = list(buffer.view(copies, shape.out_features, shape.in_features).unbind())
-    x = torch.empty(1, shape.in_features, dtype=shape.dtype).uniform_(-1, 1)
-    calls: dict[str, list[Callable[[], object]]] = {}
-    for name in candidates:
-        if name == PACKED:
-            calls[name] = [partial(packed_product, x, pack(weight)) for weight in weights]
-        else:
-            calls[name] = [partial(plain_product, name, x, weight) for weight in weights]
-    next_copy = dict.fromkeys(calls, 0)
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    shapes = list(dict.fromkeys(shapes))
+    benches = [_Bench(shape, candidates or available(shape.dtype)) for shape in shapes]
+    for bench in benches:
+        bench.warm_up()
+    for round_ in range(_ROUNDS):
+        for bench in benches:
+            bench.round(round_)
+    return {bench.shape: bench.speeds() for bench in benches}
 
-    def run(name: str, count: int) -> list[float]:
-        """Seconds of each of `count` calls, going on through the copies where the last run stopped."""
-        seconds = []
-        for _ in range(count):
+
+class _Bench:
+    """One shape's candidates, each over its own copies of a random weight."""
+
+    def __init__(self, shape: Shape, candidates: tuple[str, ...]) -> None:
+        self.shape = shape
+        self.copies = max(1, min(_MAX_COPIES, math.ceil(_CACHE_BYTES / shape.nbytes)))
+        size = self.copies * shape.out_features * shape.in_features
+        # One buffer of random values, cut into contiguous copies (fast to fill, unlike randn).
+        weights = torch.empty(size, dtype=shape.dtype).uniform_(-1, 1)
+        weights = list(weights.view(self.copies, shape.out_features, shape.in_features).unbind())
+        x = torch.empty(1, shape.in_features, dtype=shape.dtype).uniform_(-1, 1)
+        self.calls: dict[str, list[Callable[[], object]]] = {}
+        for name in candidates:
+            if name == PACKED:
+                self.calls[name] = [partial(packed_product, x, pack(weight)) for weight in weights]
+            else:
+                self.calls[name] = [partial(plain_product, name, x, weight) for weight in weights]
+        self.next_copy = dict.fromkeys(self.calls, 0)
+        self.counts = dict.fromkeys(self.calls, 2)
+        self.times: dict[str, list[float]] = {name: [] for name in self.calls}
+
+    def run(self, name: str, count: int) -> list[float]:
+        """Seconds of each of `count` calls (fewer if they take over twice a round's time: a busy
+        machine must not stretch the measurement), going on through the copies where the last
+        run stopped."""
+        seconds: list[float] = []
+        while len(seconds) < count and sum(seconds) < 2 * _ROUND_SECONDS:
             started = time.perf_counter()
-            calls[name][next_copy[name] % copies]()
+            self.calls[name][self.next_copy[name] % self.copies]()
             seconds.append(time.perf_counter() - started)
-            next_copy[name] += 1
+            self.next_copy[name] += 1
         return seconds
 
-    # The warm-up (page faults, oneDNN's kernel generation) also sizes the rounds.
-    counts = {name: max(2, min(copies, 4)) for name in calls}
-    counts = {name: max(2, round(_ROUND_SECONDS / max(min(run(name, count)), 1e-7))) for name, count in counts.items()}
-    order = list(calls)
-    for round_ in range(_ROUNDS):
-        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
-            times[name] += run(name, counts[name])
-    return {name: shape.nbytes / _percentile(seconds, 0.1) / 1e9 for name, seconds in times.items()}
+    def warm_up(self) -> None:
+        """Page faults and oneDNN's kernel generation, untimed; also sizes the rounds."""
+        for name in self.calls:
+            fastest = min(self.run(name, max(2, min(self.copies, 4))))
+            self.counts[name] = max(2, round(_ROUND_SECONDS / max(fastest, 1e-7)))
+
+    def round(self, index: int) -> None:
+        order = list(self.calls)
+        for name in order[index % len(order) :] + order[: index % len(order)]:
+            self.times[name] += self.run(name, self.counts[name])
+
+    def speeds(self) -> dict[str, float]:
+        return {name: self.shape.nbytes / _percentile(seconds, 0.1) / 1e9 for name, seconds in self.times.items()}
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -229,38 +259,50 @@ class KernelTable:
         self,
         path: Path | None = None,
         policy: str | None = None,
-        measure: Callable[[Shape], dict[str, float]] = measure,
+        measure: Callable[[list[Shape]], dict[Shape, dict[str, float]]] = measure_many,
     ) -> None:
         self.path = path or cache_path()
         self.policy = (policy or os.environ.get(POLICY_ENV) or "measure").lower()
         if self.policy not in ("measure", "off", *KERNELS):
-            raise ValueError(
-                f"{POLICY_ENV}={self.policy!r}: use measure, off or one of {', '.join(KERNELS)}"
-            )
+            raise ValueError(f"{POLICY_ENV}={self.policy!r}: use measure, off or one of {', '.join(KERNELS)}")
         self._measure = measure
         self._choices: dict[Shape, Choice] = {}
         self._lock = threading.Lock()
 
     def choice(self, shape: Shape) -> Choice:
-        with self._lock:
-            if shape not in self._choices:
-                self._choices[shape] = self._choose(shape)
-            return self._choices[shape]
+        return self.choices([shape])[shape]
 
-    def _choose(self, shape: Shape) -> Choice:
+    def choices(self, shapes: list[Shape]) -> dict[Shape, Choice]:
+        """The choice of each shape; those neither in memory nor in the file are measured together."""
+        with self._lock:
+            missing = [shape for shape in dict.fromkeys(shapes) if shape not in self._choices]
+            if missing:
+                self._choices.update(self._choose(missing))
+            return {shape: self._choices[shape] for shape in shapes}
+
+    def _choose(self, shapes: list[Shape]) -> dict[Shape, Choice]:
         if self.policy == "off":
-            return Choice(MV)
+            return dict.fromkeys(shapes, Choice(MV))
         if self.policy != "measure":
-            if self.policy == PACKED and not packed_available(shape.dtype):
-                raise ValueError(f"{POLICY_ENV}={PACKED}: oneDNN cannot pack {shape.dtype} weights on this CPU")
-            return Choice(self.policy)
-        stored = self._read().get(key(shape))
-        choice = _parse(stored, shape.dtype)
-        if choice is None:
-            speeds = self._measure(shape)
-            choice = Choice(max(speeds, key=speeds.get), speeds)
-            self._write(key(shape), {"kernel": choice.kernel, "gbps": {k: round(v, 2) for k, v in speeds.items()}})
-        return choice
+            for shape in shapes:
+                if self.policy == PACKED and not packed_available(shape.dtype):
+                    raise ValueError(f"{POLICY_ENV}={PACKED}: oneDNN cannot pack {shape.dtype} weights on this CPU")
+            return dict.fromkeys(shapes, Choice(self.policy))
+        stored = self._read()
+        chosen = {shape: _parse(stored.get(key(shape)), shape.dtype) for shape in shapes}
+        missing = [shape for shape, choice in chosen.items() if choice is None]
+        if missing:
+            measured = self._measure(missing)
+            for shape in missing:
+                speeds = measured[shape]
+                chosen[shape] = Choice(max(speeds, key=speeds.get), speeds)
+            self._write(
+                {
+                    key(shape): {"kernel": chosen[shape].kernel, "gbps": {k: round(v, 2) for k, v in measured[shape].items()}}
+                    for shape in missing
+                }
+            )
+        return chosen
 
     def _read(self) -> dict[str, object]:
         """The file's entries; {} when it is missing, unreadable, or not this format."""
@@ -272,9 +314,9 @@ class KernelTable:
             return {}
         return data["entries"]
 
-    def _write(self, name: str, entry: dict) -> None:
-        """Add one entry, keeping the others of the file; a write that fails costs only a later re-measure."""
-        entries = {**self._read(), name: entry}
+    def _write(self, new: dict[str, dict]) -> None:
+        """Add entries, keeping the others of the file; a write that fails costs only a later re-measure."""
+        entries = {**self._read(), **new}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")

@@ -46,15 +46,34 @@ def test_a_measurement_times_every_candidate_available_here():
 
 
 def fixed_speeds(**gbps):
-    """A measurement that records its calls and returns `gbps` (names with - spelled _)."""
+    """A measurement that records the shapes it is asked for and returns `gbps` for each
+    (names with - spelled _)."""
     calls = []
 
-    def measure(shape):
-        calls.append(shape)
-        return {name.replace("_", "-"): speed for name, speed in gbps.items()}
+    def measure(shapes):
+        calls.extend(shapes)
+        return {shape: {name.replace("_", "-"): speed for name, speed in gbps.items()} for shape in shapes}
 
     measure.calls = calls
     return measure
+
+
+def test_shapes_missing_from_the_cache_are_measured_together(tmp_path):
+    path = tmp_path / "kernels.json"
+    KernelTable(path, measure=fixed_speeds(mv=1.0, linear=2.0)).choice(SHAPE)
+    other = Shape(64, 32, torch.bfloat16)
+    table = KernelTable(path, measure=fixed_speeds(mv=3.0, linear=2.0))
+    choices = table.choices([SHAPE, other, other])
+    assert table._measure.calls == [other]  # SHAPE came from the file
+    assert choices == {SHAPE: Choice(LINEAR, {MV: 1.0, LINEAR: 2.0}), other: Choice(MV, {MV: 3.0, LINEAR: 2.0})}
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+
+def test_measuring_many_shapes_times_each_one():
+    small = Shape(16, 32, torch.bfloat16)
+    speeds = kernels.measure_many([SHAPE, small, SHAPE], (MV, LINEAR))
+    assert list(speeds) == [SHAPE, small]
+    assert all(set(each) == {MV, LINEAR} and min(each.values()) > 0 for each in speeds.values())
 
 
 def test_the_choice_comes_from_the_cache_file_without_measuring(tmp_path):
