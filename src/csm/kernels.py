@@ -61,6 +61,8 @@ _CACHE_BYTES = 64 << 20
 _MAX_COPIES = 64
 _ROUNDS = 10
 _ROUND_SECONDS = 0.01
+# Kernels within 5% of the fastest count as tied (see `fastest`).
+TIE = 0.05
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Choice:
         measured = {name: speed for name, speed in self.gbps.items() if name in PLAIN_KERNELS}
         if self.kernel in PLAIN_KERNELS or not measured:
             return self.kernel if self.kernel in PLAIN_KERNELS else MV
-        return max(measured, key=measured.get)
+        return fastest(measured)
 
 
 # ---- the kernels ----------------------------------------------------------------------------
@@ -294,8 +296,7 @@ class KernelTable:
         if missing:
             measured = self._measure(missing)
             for shape in missing:
-                speeds = measured[shape]
-                chosen[shape] = Choice(max(speeds, key=speeds.get), speeds)
+                chosen[shape] = Choice(fastest(measured[shape]), measured[shape])
             self._write(
                 {
                     key(shape): {"kernel": chosen[shape].kernel, "gbps": {k: round(v, 2) for k, v in measured[shape].items()}}
@@ -324,6 +325,15 @@ class KernelTable:
             partial.replace(self.path)
         except OSError:
             pass
+
+
+def fastest(speeds: dict[str, float]) -> str:
+    """The first kernel, in the order of `KERNELS` (the simplest first: `mv` keeps csm 0.2's
+    rule, `linear` the plain layout), within `TIE` of the fastest: closer than that is noise of
+    a shared machine, and a choice that flips with the noise would change rounding from one
+    measurement to the next for nothing."""
+    best = max(speeds.values())
+    return next(name for name in KERNELS if name in speeds and speeds[name] >= best * (1 - TIE))
 
 
 def _parse(stored: object, dtype: torch.dtype) -> Choice | None:

@@ -142,6 +142,13 @@ def test_policies_off_and_forced_measure_nothing(tmp_path):
         KernelTable(tmp_path / "a.json", policy="fastest")
 
 
+def test_a_kernel_within_noise_of_the_fastest_is_a_tie_that_the_simplest_wins():
+    assert kernels.fastest({MV: 10.0, LINEAR: 10.4, PACKED: 10.2}) == MV
+    assert kernels.fastest({MV: 9.0, LINEAR: 10.0, PACKED: 10.4}) == LINEAR
+    assert kernels.fastest({MV: 9.0, LINEAR: 9.5, PACKED: 10.4}) == PACKED
+    assert kernels.fastest({LINEAR: 3.0, PACKED: 2.0}) == LINEAR
+
+
 def test_a_packed_choice_still_names_the_fastest_plain_kernel():
     """The heads are slices of one tensor, which cannot be packed: they take the best plain kernel."""
     assert Choice(PACKED, {MV: 3.0, LINEAR: 4.0, PACKED: 5.0}).plain == LINEAR
