@@ -28,7 +28,9 @@ The cache, `$CSM_KERNEL_CACHE` or `$XDG_CACHE_HOME/csm/kernels.json` (`~/.cache/
 keyed by CPU (vendor, family, model), torch version, thread count, whether oneDNN is on, dtype
 and shape; an entry that is malformed or names an unknown kernel is measured again, and a file
 that cannot be read is replaced. `CSM_KERNELS=off` skips measuring and uses `mv` (the rule of
-csm 0.2); `CSM_KERNELS=<kernel>` uses that kernel for every shape.
+csm 0.2); `CSM_KERNELS=<kernel>` uses that kernel for every shape. `CSM_ONEDNN=off` turns
+oneDNN off for the whole process at import (see `apply_onednn_setting`), the one way to the
+portable kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 
 CACHE_ENV = "CSM_KERNEL_CACHE"
 POLICY_ENV = "CSM_KERNELS"
+ONEDNN_ENV = "CSM_ONEDNN"
 MV, LINEAR, PACKED = "mv", "linear", "onednn-packed"
 KERNELS = (MV, LINEAR, PACKED)
 # Kernels that multiply the weight as stored, and so serve any caller that has only a tensor.
@@ -349,6 +353,24 @@ def _parse(stored: object, dtype: torch.dtype) -> Choice | None:
         return None
     return Choice(kernel, {name: float(value) for name, value in speeds.items()})
 
+
+def apply_onednn_setting() -> None:
+    """`CSM_ONEDNN=off`: oneDNN off for the whole process, set once, when csm is imported.
+
+    The only way to PyTorch's portable bf16 mat-vec kernel, the fastest one-row kernel on some
+    CPUs (see docs/performance.md), at a price for everything else that oneDNN speeds up: Mimi's
+    whole-clip encode and decode ran 1.7x slower here. Off by default; set it before starting
+    csm (never switched around a call: every thread reads it). The kernels are then measured
+    with oneDNN off (their cache key says so).
+    """
+    value = os.environ.get(ONEDNN_ENV, "on").strip().lower()
+    if value == "off":
+        torch.backends.mkldnn.enabled = False
+    elif value != "on":
+        warnings.warn(f"{ONEDNN_ENV}={value!r} ignored: use on or off", stacklevel=2)
+
+
+apply_onednn_setting()
 
 _tables: dict[tuple[Path, str], KernelTable] = {}
 _tables_lock = threading.Lock()

@@ -3,6 +3,9 @@ rounding, and the choice comes from the cache file when it holds one, else from 
 that is then saved; a stale or corrupt file is ignored and rewritten."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,3 +173,19 @@ def test_the_cache_lives_in_the_user_cache_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert kernels.cache_path() == tmp_path / "csm" / "kernels.json"
 
+
+
+def test_onednn_off_is_set_once_at_import_and_keys_the_measurements():
+    """CSM_ONEDNN=off: the process-wide switch, set when csm is imported, never around a call;
+    `mv` is then PyTorch's portable kernel and nothing can be packed."""
+    script = (
+        "import torch, csm.kernels as k; "
+        "print(torch.backends.mkldnn.enabled, k.available(torch.bfloat16), 'onednn off' in k.machine())"
+    )
+    for value, expected in (("off", "False ('mv', 'linear') True"), ("on", "True")):
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "CSM_ONEDNN": value},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(expected)
