@@ -4,7 +4,8 @@ A generated frame is ~620 one-row products over ~4.5 GB of weights, so the speed
 kernel is the speed of bf16 generation, and the fastest kernel differs between CPUs of one
 family (on a Zen 4 `torch.mv` was twice `F.linear`; on a Zen 5 it was the slowest of three).
 So csm does not guess: for each weight shape the hot path uses, it times the kernels it can
-reach per call, once per machine, and keeps the fastest in a cache file.
+reach per call, once per machine, and keeps the fastest (ties within 5% going to the simplest)
+in a cache file.
 
 Candidates (each reachable per call, with no process-wide switch; every one accumulates in
 float32 and rounds the output once, so they agree within bf16 rounding):
@@ -142,7 +143,7 @@ def measure(shape: Shape, candidates: tuple[str, ...] | None = None) -> dict[str
 
 
 def measure_many(shapes: list[Shape], candidates: tuple[str, ...] | None = None) -> dict[Shape, dict[str, float]]:
-    """GB/s of weight read by each candidate on one row of each shape (~1-3 s a shape).
+    """GB/s of weight read by each candidate on one row of each shape (under a second a shape).
 
     Round after round, every shape's candidates run interleaved, each for ~10 ms of calls that
     go on through copies of the weight too large together for the caches. Each call is timed,
