@@ -102,7 +102,8 @@ def choose_kernels(model: CSM, table: KernelTable | None = None, *, apply: bool 
     With `apply=False` it only reports (what `csm bench` prints).
     """
     table = table or default_table()
-    chosen: dict[Shape, ProductKernel] = {}
+    # By shape, the heads apart: they run a plain kernel even where their shape's choice is packed.
+    chosen: dict[tuple[Shape, bool], ProductKernel] = {}
     # Every shape first, so that those not in the cache are measured together (see measure_many).
     weights = [module.weight for module in model.modules() if isinstance(module, Linear)]
     weights.append(model.audio_head[0].t())
@@ -111,10 +112,11 @@ def choose_kernels(model: CSM, table: KernelTable | None = None, *, apply: bool 
     def choose(name: str, weight: torch.Tensor) -> Choice:
         shape = Shape(weight.shape[0], weight.shape[1], weight.dtype)
         choice = table.choice(shape)
-        if shape in chosen:
-            chosen[shape].names.append(name)
+        group = (shape, name == "audio_head")
+        if group in chosen:
+            chosen[group].names.append(name)
         else:
-            chosen[shape] = ProductKernel(shape, choice, [name])
+            chosen[group] = ProductKernel(shape, choice, [name])
         return choice
 
     for name, module in model.named_modules():

@@ -133,7 +133,7 @@ def _print_kernels(results: list) -> None:
     """The one-row kernel chosen for each weight shape (`csm.kernels`) and each candidate's GB/s."""
     from csm.kernels import KERNELS, cache_path
 
-    products = {product.shape: product for result in results for product in result.kernels}
+    products = {(product.shape, product.label): product for result in results for product in result.kernels}
     if not products:
         return
     print(f"\none-row kernels, GB/s of weight read (measured once on this machine; cache: {cache_path()}):")
