@@ -302,12 +302,8 @@ class KernelTable:
             measured = self._measure(missing)
             for shape in missing:
                 chosen[shape] = Choice(fastest(measured[shape]), measured[shape])
-            self._write(
-                {
-                    key(shape): {"kernel": chosen[shape].kernel, "gbps": {k: round(v, 2) for k, v in measured[shape].items()}}
-                    for shape in missing
-                }
-            )
+            rounded = {shape: {name: round(speed, 2) for name, speed in measured[shape].items()} for shape in missing}
+            self._write({key(shape): {"kernel": chosen[shape].kernel, "gbps": rounded[shape]} for shape in missing})
         return chosen
 
     def _read(self) -> dict[str, object]:
@@ -316,7 +312,9 @@ class KernelTable:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+            return {}
+        if not isinstance(data.get("entries"), dict):
             return {}
         return data["entries"]
 

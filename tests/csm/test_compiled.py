@@ -45,7 +45,8 @@ def test_cuda_runs_the_compiled_step_in_every_mode(folder, quantize):
             audio_mask[..., -1] = False
             hidden = model.backbone_hidden(audio, audio_mask, torch.tensor([[5 + step]], device="cuda"), slice(0, 1))
             # A one-position prompt chunk in the other row, between two steps of this one.
-            model.backbone_hidden(tokens[:, :1], mask[:, :1], torch.zeros(1, 1, dtype=torch.long, device="cuda"), slice(1, 2))
+            first = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+            model.backbone_hidden(tokens[:, :1], mask[:, :1], first, slice(1, 2))
             held.append(hidden)
             copies.append(hidden.clone())
             frame = model.sample_frame(hidden[:, -1], 0.9, 50, rows=slice(0, 1))
@@ -95,7 +96,8 @@ def test_a_compiled_packed_linear_runs_the_packed_kernel_outside_the_graph():
 
     generator = torch.Generator().manual_seed(1)
     module = Linear(384, 512)
-    module.weight = torch.nn.Parameter(torch.randn(512, 384, generator=generator).to(torch.bfloat16), requires_grad=False)
+    weight = torch.randn(512, 384, generator=generator).to(torch.bfloat16)
+    module.weight = torch.nn.Parameter(weight, requires_grad=False)
     module.use_kernel(kernels.PACKED)
     assert module.weight.is_mkldnn
     x = torch.randn(1, 1, 384, generator=generator).to(torch.bfloat16)

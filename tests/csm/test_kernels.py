@@ -15,6 +15,7 @@ from csm.kernels import LINEAR, MV, PACKED, Choice, KernelTable, Shape
 
 CANDIDATES = kernels.available(torch.bfloat16)
 SHAPE = Shape(48, 32, torch.bfloat16)
+KEY = kernels.key(SHAPE)
 
 
 def within_bf16_rounding(product: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -104,9 +105,9 @@ def test_the_choice_comes_from_the_cache_file_without_measuring(tmp_path):
         "",
         json.dumps({"version": 0, "entries": {}}),
         json.dumps([1, 2]),
-        json.dumps({"version": kernels.CACHE_VERSION, "entries": {kernels.key(SHAPE): {"kernel": "bogus", "gbps": {}}}}),
-        json.dumps({"version": kernels.CACHE_VERSION, "entries": {kernels.key(SHAPE): {"kernel": MV, "gbps": "fast"}}}),
-        json.dumps({"version": kernels.CACHE_VERSION, "entries": {kernels.key(SHAPE): "mv"}}),
+        json.dumps({"version": kernels.CACHE_VERSION, "entries": {KEY: {"kernel": "bogus", "gbps": {}}}}),
+        json.dumps({"version": kernels.CACHE_VERSION, "entries": {KEY: {"kernel": MV, "gbps": "fast"}}}),
+        json.dumps({"version": kernels.CACHE_VERSION, "entries": {KEY: "mv"}}),
     ],
     ids=["corrupt", "empty", "old version", "not a mapping", "unknown kernel", "bad speeds", "bad entry"],
 )
