@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from csm.generator import FRAME_MS, Generator
+from csm.inference import ProductKernel, choose_kernels
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.quality import ScoredSequence, teacher_forced_logits
@@ -104,6 +105,7 @@ class Result:
     resident_bytes: int | None
     peak_bytes: int | None
     logits: torch.Tensor | None
+    kernels: tuple[ProductKernel, ...] = ()
 
     @property
     def real_time_factor(self) -> float:
@@ -160,6 +162,7 @@ def benchmark(
         resident_bytes=resident,
         peak_bytes=memory.peak(),
         logits=logits,
+        kernels=tuple(choose_kernels(network, apply=False)),
     )
 
 

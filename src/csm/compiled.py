@@ -30,19 +30,42 @@ def compile_frame_step(model: CSM) -> CSM:
     positions (prefill, a large product that compilation does not speed up) runs eagerly, so
     prompts of new lengths never wait for the compiler.
     """
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = model.codebook_offsets.device.type == "cuda"
     options = {"mode": "reduce-overhead"} if cuda else {}
     model.compile_seconds = {}
     eager_backbone = model.backbone_hidden
     backbone_step = _timed(model, "backbone step", torch.compile(eager_backbone, dynamic=False, **options))
+    backbone_step = outliving_replays(backbone_step, cuda_graphs=cuda)
 
     def backbone_hidden(tokens, tokens_mask, input_pos, rows=None):
+        # Any one-position call, a decoding step or a prompt chunk of one position, runs the
+        # compiled step: both have the same shapes, and its output outlives the next replay.
         run = backbone_step if tokens.shape[1] == 1 else eager_backbone
         return run(tokens, tokens_mask, input_pos, rows)
 
     model.backbone_hidden = backbone_hidden
-    model.depth_step = _timed(model, "depth step", torch.compile(model.depth_step, dynamic=False, **options))
+    depth_step = _timed(model, "depth step", torch.compile(model.depth_step, dynamic=False, **options))
+    model.depth_step = outliving_replays(depth_step, cuda_graphs=cuda)
     return model
+
+
+def outliving_replays(step: Callable[..., torch.Tensor], *, cuda_graphs: bool) -> Callable[..., torch.Tensor]:
+    """`step`, whose output stays valid after later calls.
+
+    A CUDA graph writes its output into memory of its own, which the next replay overwrites, and
+    the callers keep outputs across calls (the engine holds a row's backbone state while other
+    rows step; a frame's depth steps follow one backbone state). So with CUDA graphs each call
+    begins a new step for the graph trees and returns a copy (a few KB); elsewhere the output is
+    the caller's already.
+    """
+    if not cuda_graphs:
+        return step
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(*args, **kwargs).clone()
+
+    return call
 
 
 def _timed(model: CSM, name: str, compiled: Callable) -> Callable:

@@ -19,13 +19,18 @@ for saving; the prepared one is for generation only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from csm import quantize as quantization
+from csm.device_quantize import device_linear
+from csm.kernels import MV, Choice, KernelTable, Shape, default_table
+from csm.kernels import chooses as kernel_chooses
 from csm.llama import Linear, is_matrix_vector
 from csm.model import CSM
 from csm.quantize import FORMATS, QuantizedLinear, QuantizedWeight, concatenate
@@ -48,13 +53,19 @@ def quantized_linear_names(model: CSM) -> list[str]:
 
 
 def prepare(
-    model: CSM, quantize: str | None = None, *, quantized: Callable[[str], QuantizedWeight] | None = None
+    model: CSM,
+    quantize: str | None = None,
+    *,
+    quantized: Callable[[str], QuantizedWeight] | None = None,
+    kernels: KernelTable | None = None,
 ) -> CSM:
     """Fuse (and with `quantize`, quantize) the linears of `model` in place; returns it.
 
     `quantized` reads the already quantized weight of a linear by its published name (from a
     quantized checkpoint, one layer at a time); the linears of `model` may then be on the
-    meta device.
+    meta device. The one-row kernel of every bf16 weight on the CPU is then chosen from
+    `kernels` (default: `csm.kernels.default_table()`, measured on first use), see
+    `choose_kernels`.
     """
     check_quantize(quantize)
     dtype = model.codebook0_head.weight.dtype
@@ -78,7 +89,68 @@ def prepare(
     model.projection = fused("projection")
     if not model.audio_head.is_meta:
         arrange_audio_head(model)
+    choose_kernels(model, kernels)
     return model
+
+
+def choose_kernels(model: CSM, table: KernelTable | None = None, *, apply: bool = True) -> list[ProductKernel]:
+    """Give each bf16/fp16 CPU linear of `model`, and the depth decoder's heads, the one-row
+    kernel that `table` finds fastest for its shape; returns what was chosen, per shape.
+
+    Idempotent; weights still on the meta device (a quantized checkpoint being built) are left
+    for a later call. A linear whose choice is `onednn-packed` has its weight packed in place.
+    With `apply=False` it only reports (what `csm bench` prints).
+    """
+    table = table or default_table()
+    # By shape, the heads apart: they run a plain kernel even where their shape's choice is packed.
+    chosen: dict[tuple[Shape, bool], ProductKernel] = {}
+    # Every shape first, so that those not in the cache are measured together (see measure_many).
+    weights = [module.weight for module in model.modules() if isinstance(module, Linear)]
+    weights.append(model.audio_head[0].t())
+    table.choices([Shape(w.shape[0], w.shape[1], w.dtype) for w in weights if kernel_chooses(w)])
+
+    def choose(name: str, weight: torch.Tensor) -> Choice:
+        shape = Shape(weight.shape[0], weight.shape[1], weight.dtype)
+        choice = table.choice(shape)
+        group = (shape, name == "audio_head")
+        if group in chosen:
+            chosen[group].names.append(name)
+        else:
+            chosen[group] = ProductKernel(shape, choice, [name])
+        return choice
+
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and kernel_chooses(module.weight):
+            choice = choose(name, module.weight)
+            if apply:
+                module.use_kernel(choice.kernel)
+    head = model.audio_head
+    if kernel_chooses(head[0].t()) and head[0].t().is_contiguous():
+        # The heads are slices of one tensor, passed to the compiled step: a plain kernel only.
+        choice = choose("audio_head", head[0].t())
+        if apply:
+            model.head_kernel = choice.plain
+    return list(chosen.values())
+
+
+@dataclass
+class ProductKernel:
+    """The kernel chosen for one weight shape, and the modules that have that shape."""
+
+    shape: Shape
+    choice: Choice
+    names: list[str]
+
+    @property
+    def kernel(self) -> str:
+        """The kernel these modules run: the heads cannot be packed, so they take the best plain one."""
+        return self.choice.plain if self.names == ["audio_head"] else self.choice.kernel
+
+    @property
+    def label(self) -> str:
+        """The modules by their name within a layer: "backbone attn.qkv_proj", "audio_head"."""
+        names = (re.sub(r"\.layers\.\d+\.", " ", name).removesuffix(".linear") for name in self.names)
+        return ", ".join(dict.fromkeys(names))
 
 
 def arrange_audio_head(model: CSM) -> None:
@@ -93,17 +165,25 @@ def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -
     """One module for the linears whose weights are `parts`: itself for one, else a `FusedLinear`."""
     sizes = [part.shape[0] for part in parts]
     if all(isinstance(part, QuantizedWeight) for part in parts):
-        linear = QuantizedLinear(concatenate(parts))
+        linear = _quantized_linear(concatenate(parts))
     else:
         weight = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts[:]  # the separate weights are freed as soon as their modules are
         if quantize is not None:
-            linear = QuantizedLinear(quantization.quantize(weight, quantize))
+            linear = _quantized_linear(quantization.quantize(weight, quantize))
         else:
             with torch.device("meta"):
                 linear = Linear(weight.shape[1], weight.shape[0])
             linear.weight = nn.Parameter(weight, requires_grad=False)
     return linear if len(sizes) == 1 else FusedLinear(linear, sizes)
+
+
+def _quantized_linear(weight: QuantizedWeight) -> nn.Module:
+    """The CPU kernels' module on the CPU; on a GPU PyTorch's kernels there, or a clear refusal
+    (`csm.device_quantize`): never the whole weight dequantized at every product."""
+    if weight.data.device.type in ("cpu", "meta"):
+        return QuantizedLinear(weight)
+    return device_linear(weight)
 
 
 class FusedLinear(nn.Module):
@@ -121,6 +201,17 @@ class FusedLinear(nn.Module):
         self.sizes = sizes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if isinstance(self.linear, Linear) and not is_matrix_vector(x):
-            return tuple(F.linear(x, weight) for weight in self.linear.weight.split(self.sizes))
-        return self.linear(x).split(self.sizes, dim=-1)
+        linear = self.linear
+        if isinstance(linear, Linear) and linear.packed_key is None and self._separately(x, linear.kernel):
+            return tuple(F.linear(x, weight) for weight in linear.weight.split(self.sizes))
+        return linear(x).split(self.sizes, dim=-1)
+
+    @staticmethod
+    def _separately(x: torch.Tensor, kernel: str) -> bool:
+        """Whether the parts run apart, as the separate linears did: on the CPU, except one row
+        through `torch.mv` (exact) and products whose kernel was chosen by speed (bf16 and fp16,
+        which need not match the separate products bit for bit). A GPU always runs one product:
+        there a launch costs more than rounding is worth, and float32 there is not the oracle's."""
+        if x.device.type != "cpu" or is_matrix_vector(x):
+            return False
+        return x.dtype == torch.float32 or kernel == MV

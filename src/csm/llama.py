@@ -8,12 +8,16 @@ modules is an original-layout checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from csm import kernels
 
 
 @dataclass(frozen=True)
@@ -131,24 +135,42 @@ class KVCache(nn.Module):
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` without bias that picks its kernel per call (see `linear`)."""
+    """`nn.Linear` without bias whose one-row kernel is chosen per weight shape (`csm.kernels`).
+
+    Until `csm.inference.prepare` chooses, one bf16/fp16 row on the CPU goes through `torch.mv`
+    (the rule of csm 0.2), so the published model used for training and saving is unchanged.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
+        self.kernel = kernels.MV
+        # With the packed kernel, the key under which a compiled graph finds this module's
+        # weight (an opaque oneDNN tensor, which the compiler cannot trace through).
+        self.packed_key: int | None = None
+
+    def use_kernel(self, kernel: str) -> None:
+        """Multiply with `kernel` from now on; `onednn-packed` reorders the weight in place
+        (the plain layout is then gone: the module is for inference only)."""
+        if kernel == kernels.PACKED and self.packed_key is None:
+            self.weight = nn.Parameter(kernels.pack(self.weight), requires_grad=False)
+            self.packed_key = _register_packed(self)
+        elif kernel != kernels.PACKED and self.packed_key is not None:
+            raise ValueError("a packed weight cannot go back to a plain kernel")
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        if self.packed_key is not None:
+            if torch.compiler.is_compiling():
+                return packed_linear(x, self.packed_key, self.out_features)
+            return kernels.packed_product(x, self.weight)
+        return linear(x, self.weight, self.kernel)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight [N, K]^T; one bf16/fp16 row on CPU goes through PyTorch's own mat-vec kernel.
-
-    oneDNN, which `F.linear` uses for these dtypes, runs a one-row product at about half the
-    speed of `torch.mv` on AVX-512 CPUs, and is the faster from a few rows on. Choosing here,
-    per call, leaves the process-wide oneDNN switch alone for the threads that run Mimi and
-    the watermark.
-    """
-    if is_matrix_vector(x):
+def linear(x: torch.Tensor, weight: torch.Tensor, kernel: str = kernels.MV) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T; one bf16/fp16 row on the CPU goes through `kernel`
+    (`mv` or `linear`, see `csm.kernels`), chosen per call without touching the process-wide
+    oneDNN switch that the threads running Mimi and the watermark read."""
+    if kernel == kernels.MV and is_matrix_vector(x):
         # The custom operator only for the compiler: called eagerly it costs more dispatch.
         product = matrix_vector if torch.compiler.is_compiling() else torch.mv
         return product(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
@@ -165,6 +187,29 @@ def matrix_vector(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @matrix_vector.register_fake
 def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight.new_empty(weight.shape[0])
+
+
+# Packed linears by key, held weakly: a model that is dropped frees its weights.
+_PACKED: weakref.WeakValueDictionary[int, Linear] = weakref.WeakValueDictionary()
+_PACKED_KEYS = itertools.count()
+
+
+def _register_packed(module: Linear) -> int:
+    key = next(_PACKED_KEYS)
+    _PACKED[key] = module
+    return key
+
+
+@torch.library.custom_op("csm::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """A packed `Linear`'s product for a compiled graph: the graph holds the module's key, a
+    constant, and the opaque weight stays outside it."""
+    return kernels.packed_product(x, _PACKED[key].weight)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def is_matrix_vector(x: torch.Tensor) -> bool:

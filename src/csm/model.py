@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csm import kernels
+from csm.devices import embedding_bag_runs_on
 from csm.errors import CheckpointError
 from csm.heap import return_freed_memory
 from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
@@ -100,6 +102,8 @@ class CSM(nn.Module):
         self.register_buffer(
             "codebook_offsets", torch.empty(config.audio_num_codebooks, dtype=torch.long), persistent=False
         )
+        # The heads' one-row kernel (`csm.kernels`), chosen by `csm.inference.choose_kernels`.
+        self.head_kernel = kernels.MV
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -137,13 +141,16 @@ class CSM(nn.Module):
         # Imported here because loading depends on the network, not the other way round.
         from csm.checkpoints import build_model, open_checkpoint
         from csm.compiled import compile_frame_step
-        from csm.inference import check_quantize, prepare
+        from csm.devices import capabilities, check_dtype
+        from csm.inference import check_quantize, choose_kernels, prepare
         from csm.quantized_checkpoint import build_quantized_model
 
         check_quantize(quantize)
         if (quantize is not None) and dtype not in (None, torch.bfloat16):
             raise ValueError(f"quantize={quantize!r} runs in bfloat16, not {str(dtype).removeprefix('torch.')}")
         device = torch.device(device or "cpu")
+        if device.type in ("cuda", "mps"):
+            check_dtype(capabilities(device), dtype or (torch.bfloat16 if quantize else torch.float32))
         checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
         if checkpoint.quantization is not None:
             if quantize not in (None, checkpoint.quantization) or dtype not in (None, torch.bfloat16):
@@ -152,6 +159,7 @@ class CSM(nn.Module):
                     f"load it with quantize=None or {checkpoint.quantization!r} and the default dtype"
                 )
             model = build_quantized_model(checkpoint, device=device)
+            choose_kernels(model)  # its heads, read after the quantized linears were built
         else:
             dtype = dtype or (torch.bfloat16 if quantize else torch.float32)
             # The published layout, adapter merged: the swap to fast modules comes after.
@@ -162,7 +170,7 @@ class CSM(nn.Module):
 
     def setup_caches(self, batch_size: int) -> None:
         """Preallocate the KV caches of both transformers for `batch_size` rows."""
-        device = self.codebook0_head.weight.device
+        device = self.codebook_offsets.device
         self.backbone.setup_caches(batch_size, self.max_seq_len)
         # The depth decoder only ever sees the positions of one frame's codebooks.
         self.decoder.setup_caches(batch_size, self.config.audio_num_codebooks)
@@ -201,12 +209,16 @@ class CSM(nn.Module):
         """
         batch, seq, _ = tokens.shape
         weights = tokens_mask.to(self.audio_embeddings.weight.dtype)
-        audio = F.embedding_bag(
-            (tokens[..., :-1] + self.codebook_offsets).flatten(0, 1),
-            self.audio_embeddings.weight,
-            mode="sum",
-            per_sample_weights=weights[..., :-1].flatten(0, 1),
-        ).view(batch, seq, -1)
+        codes = tokens[..., :-1] + self.codebook_offsets
+        if embedding_bag_runs_on(tokens.device):
+            audio = F.embedding_bag(
+                codes.flatten(0, 1),
+                self.audio_embeddings.weight,
+                mode="sum",
+                per_sample_weights=weights[..., :-1].flatten(0, 1),
+            ).view(batch, seq, -1)
+        else:  # older torch on MPS: the same sum, from the gathered rows
+            audio = (self.audio_embeddings(codes) * weights[..., :-1, None]).sum(dim=2)
         return audio + self.text_embeddings(tokens[..., -1]) * weights[..., -1:]
 
     def backbone_hidden(
@@ -290,7 +302,7 @@ class CSM(nn.Module):
         positions [B, S], through that codebook's head [decoder dim, V]."""
         hidden = self.decoder(self.projection(inputs), positions, rows)[:, -1]
         if head.t().is_contiguous():  # laid out as rows by `csm.inference.prepare`
-            return linear(hidden, head.t())
+            return linear(hidden, head.t(), self.head_kernel)
         return torch.mm(hidden, head)
 
     def _check_caches(self, batch_size: int, rows: slice | None) -> slice:

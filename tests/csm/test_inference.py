@@ -4,6 +4,7 @@ for bit; quantized linears keep every row independent of the others."""
 import pytest
 import torch
 
+from csm import kernels
 from csm.checkpoints import load_csm
 from csm.inference import FusedLinear, prepare
 from csm.model import CSM
@@ -30,9 +31,12 @@ def frames(model, prompts, num_frames=2, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_products_give_the_plain_models_tokens(folder, dtype):
+def test_fused_products_give_the_plain_models_tokens(folder, dtype, monkeypatch):
     """One row (mat-vec kernel, the fused product) and several rows with a prompt longer than
-    the multi-row kernels' blocking (each part on its own rows of the fused weight)."""
+    the multi-row kernels' blocking (each part on its own rows of the fused weight). In bf16
+    with the kernels of the plain model (`torch.mv`): a kernel chosen for speed may round
+    differently, which `test_every_kernel_keeps_bf16_within_its_rounding_of_float32` bounds."""
+    monkeypatch.setenv("CSM_KERNELS", "off")
     plain = load_csm(folder, dtype=dtype)
     fast = CSM.from_pretrained(folder, dtype=dtype)
     assert isinstance(fast.backbone.layers[0].attn.qkv_proj, FusedLinear)
@@ -40,6 +44,41 @@ def test_fused_products_give_the_plain_models_tokens(folder, dtype):
     prompts = [text_prompt(40, seed=0), text_prompt(40, seed=1)]
     assert torch.equal(frames(fast, prompts[:1]), frames(plain, prompts[:1]))
     assert torch.equal(frames(fast, prompts), frames(plain, prompts))
+
+
+def stepped_logits(model, prompt, codes):
+    """Logits of every codebook of one frame, teacher-forced on codes [32], through the
+    one-row products of generation (the backbone's step, its head, 31 depth-decoder steps)."""
+    tokens, mask = prompt
+    model.setup_caches(1)
+    hidden = model.backbone_hidden(tokens[None], mask[None], torch.arange(tokens.shape[0])[None])[:, -1]
+    logits = [model.codebook0_head(hidden)]
+    inputs = torch.cat([hidden[:, None], model.audio_embeddings(codes[None, :1])], dim=1)
+    for k in range(1, 32):
+        positions = model.depth_positions[:, :2] if k == 1 else model.depth_positions[:, k : k + 1]
+        logits.append(model.depth_step(inputs, positions, slice(0, 1), model.audio_head[k - 1]))
+        inputs = model.audio_embeddings(codes[None, k : k + 1] + model.codebook_offsets[k])
+    return torch.cat(logits).float()
+
+
+@pytest.mark.parametrize("kernel", ["measure", *kernels.available(torch.bfloat16)])
+def test_every_kernel_keeps_bf16_within_its_rounding_of_float32(folder, kernel, monkeypatch):
+    """bf16 with the kernels chosen here (or each one forced) errs from float32 no more than
+    bf16 with csm 0.2's `torch.mv` does, up to rounding noise: the choice is one of speed only."""
+    codes = torch.randint(2048, (32,), generator=torch.Generator().manual_seed(0))
+    prompt = text_prompt(7, seed=5)
+    with torch.inference_mode():
+        exact = stepped_logits(CSM.from_pretrained(folder), prompt, codes)
+        monkeypatch.setenv("CSM_KERNELS", "off")
+        reference = stepped_logits(CSM.from_pretrained(folder, dtype=torch.bfloat16), prompt, codes)
+        monkeypatch.setenv("CSM_KERNELS", kernel)
+        model = CSM.from_pretrained(folder, dtype=torch.bfloat16)
+        chosen = stepped_logits(model, prompt, codes)
+    if kernel != "measure":
+        assert model.backbone.layers[0].mlp.w2.kernel == kernel
+    bf16_error = (reference - exact).abs().max()
+    assert 0 < bf16_error < 0.05 * exact.abs().max()
+    assert (chosen - exact).abs().max() <= 1.5 * bf16_error
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

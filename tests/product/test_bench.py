@@ -46,6 +46,15 @@ def test_bench_times_each_mode_and_scores_it_against_the_reference(assets):
         first, per_frame, factor, resident, peak = (float(cell) for cell in speed[mode][2:])
         assert first > 0 and per_frame > 0 and factor == pytest.approx(per_frame / 0.08, abs=0.012)  # both rounded
         assert peak >= resident
+    # The kernel of each bf16 weight shape of the one-row products, with every candidate's speed.
+    kernels = _table(lines, "one-row kernels")
+    assert kernels["products"][:2] == ["weight", "kernel"]
+    labels = " / ".join(kernels)  # the tiny model's modules share shapes: one row per shape
+    assert "backbone attn.qkv_proj" in labels and "decoder mlp.w13" in labels
+    assert kernels["audio_head"][1] in ("mv", "linear")  # a row of its own: never packed
+    for cells in list(kernels.values())[1:]:
+        measured = {name: float(speed) for name, speed in zip(kernels["products"][2:], cells[2:]) if speed != "-"}
+        assert cells[0].endswith("bfloat16") and cells[1] in measured and all(speed > 0 for speed in measured.values())
     quality = _table(lines, "quality against bf16")
     assert "teacher-forced on 5 frames of the built-in voices; fp32 is the noise floor" in "\n".join(lines)
     assert list(quality) == ["mode", "int8", "int4", "fp32"]

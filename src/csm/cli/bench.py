@@ -123,9 +123,31 @@ def _bench(args: argparse.Namespace) -> int:
         for result in results
     ]
     _print_table(headers, rows)
+    _print_kernels(results)
     if sequence is not None:
         _print_quality(logits, Mode(dtype).format, len(sequence.scored), source)
     return 0
+
+
+def _print_kernels(results: list) -> None:
+    """The one-row kernel chosen for each weight shape (`csm.kernels`) and each candidate's GB/s."""
+    from csm.kernels import KERNELS, cache_path
+
+    products = {(product.shape, product.label): product for result in results for product in result.kernels}
+    if not products:
+        return
+    print(f"\none-row kernels, GB/s of weight read (measured once on this machine; cache: {cache_path()}):")
+    headers = ["products", "weight", "kernel", *KERNELS]
+    rows = [
+        [
+            product.label,
+            str(product.shape),
+            product.kernel,
+            *(f"{product.choice.gbps[name]:.3g}" if name in product.choice.gbps else "-" for name in KERNELS),
+        ]
+        for product in products.values()
+    ]
+    _print_table(headers, rows)
 
 
 def _print_quality(logits: dict, reference: str, frames: int, source: str) -> None:
