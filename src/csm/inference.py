@@ -7,8 +7,8 @@ adapter is merged into the plain weights):
   weight read and one kernel call instead of three or two, with bit-identical outputs
   (each output row is the same dot product whichever matrix holds it);
 - each codebook's head is laid out as rows, for the one-row mat-vec kernel;
-- with `quantize="int8"` or `"int4"`, every linear of the backbone and the depth decoder
-  and the projection between them becomes a `csm.quantize.QuantizedLinear`. The
+- with `quantize` one of `csm.quantize.MODES` ("int8", "int8-dynamic", "int4"), every linear of the backbone and the depth decoder
+  and the projection between them becomes a quantized linear (`csm.quantize.quantized_linear`). The
   embeddings and the two heads stay as they are: embeddings are gathered, not multiplied
   (a lookup reads 2 rows, not the table), and the heads pick the codes themselves, so their
   error would change tokens directly; they are also only ~1.5% of a frame's weight traffic.
@@ -28,12 +28,12 @@ from torch import nn
 from csm import quantize as quantization
 from csm.llama import Linear, is_matrix_vector
 from csm.model import CSM
-from csm.quantize import FORMATS, QuantizedLinear, QuantizedWeight, concatenate
+from csm.quantize import MODES, QuantizedWeight, concatenate, quantized_linear
 
 
 def check_quantize(quantize: str | None) -> None:
-    if quantize is not None and quantize not in FORMATS:
-        raise ValueError(f"unknown quantize={quantize!r}: use None, {' or '.join(map(repr, FORMATS))}")
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"unknown quantize={quantize!r}: use None, {' or '.join(map(repr, MODES))}")
 
 
 def quantized_linear_names(model: CSM) -> list[str]:
@@ -54,7 +54,7 @@ def prepare(
 
     `quantized` reads the already quantized weight of a linear by its published name (from a
     quantized checkpoint, one layer at a time); the linears of `model` may then be on the
-    meta device.
+    meta device; `quantize` then names the mode that runs them (default: their stored format).
     """
     check_quantize(quantize)
     dtype = model.codebook0_head.weight.dtype
@@ -93,12 +93,12 @@ def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -
     """One module for the linears whose weights are `parts`: itself for one, else a `FusedLinear`."""
     sizes = [part.shape[0] for part in parts]
     if all(isinstance(part, QuantizedWeight) for part in parts):
-        linear = QuantizedLinear(concatenate(parts))
+        linear = quantized_linear(concatenate(parts), quantize or parts[0].format)
     else:
         weight = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts[:]  # the separate weights are freed as soon as their modules are
         if quantize is not None:
-            linear = QuantizedLinear(quantization.quantize(weight, quantize))
+            linear = quantized_linear(quantization.quantize(weight, quantize), quantize)
         else:
             with torch.device("meta"):
                 linear = Linear(weight.shape[1], weight.shape[0])

@@ -1,0 +1,157 @@
+"""Dynamic int8: int8 weights times int8 activations, summed in int32 (the "int8-dynamic" mode).
+
+PyTorch's weight-only int8 kernel (`csm.quantize.QuantizedLinear`, mode "int8") turns every
+weight back into a float and multiplies in floating point: on a CPU that conversion, not the
+memory, bounds it, and with several rows (the engine's batch, a prefill chunk) it is slower
+than bf16. Here, as in ggml's Q8_0, each activation row is quantized to 8 bits when the product
+runs, and the products of integers are summed in int32 (VNNI on x86), then scaled back:
+
+    out[m, n] = row_scale[m] * weight_scale[n] * sum_k xq[m, k] * wq[n, k]
+
+The weights are those of "int8" (`QuantizedWeight`, per output channel, symmetric), so one
+`csm quantize --to int8` folder serves both modes. Routes, fastest first (measured on CSM's
+shapes at 1, 8 and 128 rows: docs/quantization.md, benchmarks/bench_int8_kernels.py):
+
+- "fbgemm": `quantized::linear_dynamic` with the weight prepacked for FBGEMM (x86). It
+  quantizes its whole input with one affine 8-bit grid; each row is first divided by its own
+  absolute maximum, so every row spans [-1, 1] and gets the resolution of its own range, as
+  per-row quantization would, and the output row is multiplied back. It is opaque to
+  torch.compile, so a compiled graph calls it through the custom op `csm::int8_dynamic_linear`.
+- "int_mm": symmetric per-row int8 activations and `torch._int_mm` (int8 x int8 -> int32), a
+  core kernel for CPUs without FBGEMM (ARM) and PyTorch builds without quantized tensors.
+- "dequantized": off the CPU, the weight is dequantized to bf16 at every call (correct, not fast).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csm.quantize import QuantizedWeight, dequantize
+
+ROUTES = ("fbgemm", "int_mm", "dequantized")
+# A row of zeros is divided by this instead of by its maximum: it stays zero.
+_TINY = 1e-30
+
+# FBGEMM's packed weights, by handle: a compiled graph cannot hold the packed object itself.
+_PACKED: dict[int, torch.ScriptObject] = {}
+_handles = itertools.count()
+
+
+class DynamicInt8Linear(nn.Module):
+    """A bias-free linear with an int8 weight whose activations are quantized per row at each
+    call; activations and output in bf16."""
+
+    def __init__(self, weight: QuantizedWeight, *, route: str | None = None) -> None:
+        """`route` forces one of `ROUTES`; by default the fastest one that runs here."""
+        super().__init__()
+        if weight.format != "int8":
+            raise ValueError(f"dynamic int8 takes int8 weights, not {weight.format}")
+        self.out_features, self.in_features = weight.shape
+        self.route = route or default_route(weight.data.device)
+        if self.route not in ROUTES:
+            raise ValueError(f"unknown route {self.route!r}: use one of {', '.join(ROUTES)}")
+        if self.route == "fbgemm":
+            if not fbgemm_available():
+                raise ValueError("the fbgemm route needs PyTorch's FBGEMM (x86) quantized engine")
+            # Only the packed copy is kept: the plain codes are freed once it is made.
+            self.handle = next(_handles)
+            _PACKED[self.handle] = _pack(weight)
+            weakref.finalize(self, _PACKED.pop, self.handle, None)
+        else:
+            self.register_buffer("qweight", weight.data, persistent=False)
+            self.register_buffer("scales", weight.scales, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"an int8-dynamic linear takes bfloat16 activations, got {x.dtype}")
+        rows = x.reshape(-1, self.in_features)
+        if self.route == "fbgemm":
+            if torch.compiler.is_compiling():
+                out = torch.ops.csm.int8_dynamic_linear(rows, self.handle, self.out_features)
+            else:
+                out = _fbgemm_product(rows, _PACKED[self.handle])
+        elif self.route == "int_mm":
+            out = _int_mm_product(rows, self.qweight, self.scales)
+        else:
+            out = F.linear(rows, dequantize(QuantizedWeight("int8", self.qweight, self.scales), x.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"int8-dynamic, in_features={self.in_features}, out_features={self.out_features}, {self.route}"
+
+
+def default_route(device: torch.device) -> str:
+    if device.type != "cpu":
+        return "dequantized"
+    return "fbgemm" if fbgemm_available() else "int_mm"
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    """Whether this PyTorch has FBGEMM's dynamic quantized linear (x86 builds) and uses it."""
+    engines = torch.backends.quantized.supported_engines
+    return torch.backends.quantized.engine in ("x86", "fbgemm") and "fbgemm" in engines
+
+
+def _pack(weight: QuantizedWeight) -> torch.ScriptObject:
+    rows = weight.shape[0]
+    scales = weight.scales.to(torch.float64)  # bf16 values, exactly
+    with warnings.catch_warnings():
+        # PyTorch deprecates quantized tensors; this one only carries the codes to the packer.
+        warnings.simplefilter("ignore", UserWarning)
+        codes = torch._make_per_channel_quantized_tensor(
+            weight.data.contiguous(), scales, torch.zeros(rows, dtype=torch.int64), 0
+        )
+        return torch.ops.quantized.linear_prepack(codes, None)
+
+
+def _fbgemm_product(rows: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    # Each row scaled to [-1, 1]: one grid for the input is then a grid fitted to each row.
+    peak = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_(min=_TINY)
+    out = torch.ops.quantized.linear_dynamic(rows / peak, packed, _reduce_range())
+    return out.mul_(peak).to(torch.bfloat16)
+
+
+def _int_mm_product(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    step = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_(min=_TINY)
+    step = step / 127
+    quantized = torch.round(rows / step).to(torch.int8)  # |rows / step| <= 127: no clamp needed
+    sums = torch._int_mm(quantized, codes.t())
+    return (sums * (step * scales.float())).to(torch.bfloat16)
+
+
+@functools.cache
+def _reduce_range() -> bool:
+    """Whether FBGEMM must quantize activations to 7 bits here.
+
+    Without VNNI, x86 multiplies 8-bit pairs into 16-bit sums that saturate, which PyTorch
+    avoids by giving up a bit of the activations ("reduce_range"). With VNNI the sums are 32-bit
+    and the full 8 bits are exact. Asked of the CPU by a product whose pairs would saturate.
+    """
+    columns, rows = 64, 16
+    codes = torch.full((rows, columns), 127, dtype=torch.int8)
+    codes[1::2] = -127
+    packed = _pack(QuantizedWeight("int8", codes, torch.full((rows,), 1 / 128, dtype=torch.bfloat16)))
+    x = torch.ones(1, columns)
+    x[0, 0] = 0  # the grid spans [0, 1]: every other input is code 255
+    exact = x @ (codes.float() / 128).t()
+    # Saturated sums would be off by half; float rounding of the scales is far below that.
+    return not torch.allclose(torch.ops.quantized.linear_dynamic(x, packed, False), exact, rtol=1e-3)
+
+
+@torch.library.custom_op("csm::int8_dynamic_linear", mutates_args=())
+def _compiled_fbgemm_product(rows: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """The fbgemm route as an op a compiled graph can call (the packed weight by its handle)."""
+    return _fbgemm_product(rows, _PACKED[handle])
+
+
+@_compiled_fbgemm_product.register_fake
+def _(rows: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], out_features), dtype=torch.bfloat16)
