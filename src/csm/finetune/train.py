@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -40,6 +39,11 @@ from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import load_tokenizer
 from csm.watermark import Watermarker
+
+try:  # Unix only: on Windows the log has no CPU memory figure
+    import resource
+except ImportError:
+    resource = None
 
 CHECKPOINT = "checkpoint"
 LOG = "train_log.jsonl"
@@ -266,10 +270,19 @@ def _schedule(warmup: int, total: int):
     return factor
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """The peak memory of the run: the GPU's on CUDA, else the process's resident set
+    (None where the OS does not report it)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if resource is None:
+        return None
+    return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sys.platform)
+
+
+def maxrss_mb(maxrss: int, platform: str) -> float:
+    """`getrusage`'s `ru_maxrss` in MiB: macOS reports it in bytes, Linux and the BSDs in KiB."""
+    return maxrss / 2**20 if platform == "darwin" else maxrss / 1024
 
 
 def _save_result(options: FinetuneOptions, model: CSM, tokenizer, output: Path) -> None:
