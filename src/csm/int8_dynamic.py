@@ -39,8 +39,10 @@ ROUTES = ("fbgemm", "int_mm", "dequantized")
 # A row of zeros is divided by this instead of by its maximum: it stays zero.
 _TINY = 1e-30
 
-# FBGEMM's packed weights, by handle: a compiled graph cannot hold the packed object itself.
-_PACKED: dict[int, torch.ScriptObject] = {}
+# The linears of the fbgemm route by handle, for compiled graphs, which cannot hold a packed
+# weight (a TorchScript object) but can pass an int to a custom op. Weak: a linear that is
+# gone leaves the table.
+_LINEARS: weakref.WeakValueDictionary[int, DynamicInt8Linear] = weakref.WeakValueDictionary()
 _handles = itertools.count()
 
 
@@ -61,9 +63,8 @@ class DynamicInt8Linear(nn.Module):
             if not fbgemm_available():
                 raise ValueError("the fbgemm route needs PyTorch's FBGEMM (x86) quantized engine")
             # Only the packed copy is kept: the plain codes are freed once it is made.
-            self.handle = next(_handles)
-            _PACKED[self.handle] = _pack(weight)
-            weakref.finalize(self, _PACKED.pop, self.handle, None)
+            self.packed = _pack(weight)
+            self._register()
         else:
             self.register_buffer("qweight", weight.data, persistent=False)
             self.register_buffer("scales", weight.scales, persistent=False)
@@ -76,12 +77,22 @@ class DynamicInt8Linear(nn.Module):
             if torch.compiler.is_compiling():
                 out = torch.ops.csm.int8_dynamic_linear(rows, self.handle, self.out_features)
             else:
-                out = _fbgemm_product(rows, _PACKED[self.handle])
+                out = _fbgemm_product(rows, self.packed)
         elif self.route == "int_mm":
             out = _int_mm_product(rows, self.qweight, self.scales)
         else:
             out = F.linear(rows, dequantize(QuantizedWeight("int8", self.qweight, self.scales), x.dtype))
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _register(self) -> None:
+        self.handle = next(_handles)
+        _LINEARS[self.handle] = self
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy, pickle) gets a handle of its own: it must outlive the original.
+        super().__setstate__(state)
+        if self.route == "fbgemm":
+            self._register()
 
     def extra_repr(self) -> str:
         return f"int8-dynamic, in_features={self.in_features}, out_features={self.out_features}, {self.route}"
@@ -149,7 +160,7 @@ def _reduce_range() -> bool:
 @torch.library.custom_op("csm::int8_dynamic_linear", mutates_args=())
 def _compiled_fbgemm_product(rows: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     """The fbgemm route as an op a compiled graph can call (the packed weight by its handle)."""
-    return _fbgemm_product(rows, _PACKED[handle])
+    return _fbgemm_product(rows, _LINEARS[handle].packed)
 
 
 @_compiled_fbgemm_product.register_fake

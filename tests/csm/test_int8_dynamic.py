@@ -1,6 +1,9 @@
 """Dynamic int8 (int8 weights x int8 activations): every route against the dequantized reference,
 with error bounds computed here from each row's activation scale and each channel's weight scale."""
 
+import copy
+import gc
+
 import pytest
 import torch
 
@@ -126,8 +129,15 @@ def test_the_mode_is_chosen_by_name_and_stores_int8():
 
 @pytest.mark.skipif(not fbgemm_available(), reason="the fbgemm route needs PyTorch's x86 quantized engine")
 def test_a_compiled_graph_calls_the_fbgemm_route_as_eager_does():
-    linear = DynamicInt8Linear(quantize(weight(48, 64), "int8"))
-    assert linear.route == "fbgemm"
+    """Compiled graphs reach the packed weight through a table of live linears: a copy (a
+    deep-copied model) must find its own weight there after the original is gone."""
+    original = DynamicInt8Linear(quantize(weight(48, 64), "int8"))
+    assert original.route == "fbgemm"
     x = activations(3, 64)
+    expected = original(x)
+    linear = copy.deepcopy(original)
+    del original
+    gc.collect()
+    assert torch.equal(linear(x), expected)
     compiled = torch.compile(linear, fullgraph=True, dynamic=False)
-    assert torch.equal(compiled(x), linear(x))
+    assert torch.equal(compiled(x), expected)
