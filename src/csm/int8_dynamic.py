@@ -14,8 +14,9 @@ shapes at 1, 8 and 128 rows: docs/quantization.md, benchmarks/bench_int8_kernels
 
 - "fbgemm": `quantized::linear_dynamic` with the weight prepacked for FBGEMM (x86). It
   quantizes its whole input with one affine 8-bit grid; each row is first divided by its own
-  absolute maximum, so every row spans [-1, 1] and gets the resolution of its own range, as
-  per-row quantization would, and the output row is multiplied back. It is opaque to
+  absolute maximum and columns holding -1 and 1 (with zero weights) are added, so the grid is
+  always [-1, 1] and every row is quantized per row, exactly as alone; the output row is
+  multiplied back. It is opaque to
   torch.compile, so a compiled graph calls it through the custom op `csm::int8_dynamic_linear`.
 - "int_mm": symmetric per-row int8 activations and `torch._int_mm` (int8 x int8 -> int32), a
   core kernel for CPUs without FBGEMM (ARM) and PyTorch builds without quantized tensors.
@@ -38,6 +39,10 @@ from csm.quantize import QuantizedWeight, dequantize
 ROUTES = ("fbgemm", "int_mm", "dequantized")
 # A row of zeros is divided by this instead of by its maximum: it stays zero.
 _TINY = 1e-30
+# The fbgemm route's extra input columns (-1, 1, then zeros; their weights are zero), which
+# fix its activation grid at [-1, 1]. 16 keeps K as aligned as it was.
+_SPAN_COLUMNS = 16
+_SPAN = torch.tensor([-1.0, 1.0] + [0.0] * (_SPAN_COLUMNS - 2))
 
 # The linears of the fbgemm route by handle, for compiled graphs, which cannot hold a packed
 # weight (a TorchScript object) but can pass an int to a custom op. Weak: a linear that is
@@ -112,21 +117,29 @@ def fbgemm_available() -> bool:
 
 
 def _pack(weight: QuantizedWeight) -> torch.ScriptObject:
+    """FBGEMM's packed weight, with `_SPAN_COLUMNS` zero columns after the codes."""
     rows = weight.shape[0]
     scales = weight.scales.to(torch.float64)  # bf16 values, exactly
+    padded = F.pad(weight.data, (0, _SPAN_COLUMNS))
     with warnings.catch_warnings():
         # PyTorch deprecates quantized tensors; this one only carries the codes to the packer.
         warnings.simplefilter("ignore", UserWarning)
-        codes = torch._make_per_channel_quantized_tensor(
-            weight.data.contiguous(), scales, torch.zeros(rows, dtype=torch.int64), 0
-        )
+        codes = torch._make_per_channel_quantized_tensor(padded, scales, torch.zeros(rows, dtype=torch.int64), 0)
         return torch.ops.quantized.linear_prepack(codes, None)
 
 
 def _fbgemm_product(rows: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
-    # Each row scaled to [-1, 1]: one grid for the input is then a grid fitted to each row.
+    count, columns = rows.shape
+    # Each row scaled to [-1, 1] by its own absolute maximum, and extra columns holding -1 and
+    # 1 (whose weights are zero): FBGEMM's one grid for the whole input then always spans
+    # [-1, 1], so every row is quantized exactly as it would be alone (the integer sums are
+    # exact, the scaling per element), at the resolution of its own range. Columns, not a
+    # row: FBGEMM's one-row product is twice as fast as its two-row one.
     peak = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True, dtype=torch.float32).clamp_(min=_TINY)
-    out = torch.ops.quantized.linear_dynamic(rows / peak, packed, _reduce_range())
+    scaled = torch.empty(count, columns + _SPAN_COLUMNS, dtype=torch.float32, device=rows.device)
+    torch.div(rows, peak, out=scaled[:, :columns])
+    scaled[:, columns:] = _SPAN
+    out = torch.ops.quantized.linear_dynamic(scaled, packed, _reduce_range())
     return out.mul_(peak).to(torch.bfloat16)
 
 
@@ -150,9 +163,9 @@ def _reduce_range() -> bool:
     codes = torch.full((rows, columns), 127, dtype=torch.int8)
     codes[1::2] = -127
     packed = _pack(QuantizedWeight("int8", codes, torch.full((rows,), 1 / 128, dtype=torch.bfloat16)))
-    x = torch.ones(1, columns)
-    x[0, 0] = 0  # the grid spans [0, 1]: every other input is code 255
-    exact = x @ (codes.float() / 128).t()
+    x = torch.zeros(1, columns + _SPAN_COLUMNS)  # the packed weight's zero columns too
+    x[0, 1:columns] = 1  # the grid spans [0, 1]: these inputs are code 255
+    exact = x[:, :columns] @ (codes.float() / 128).t()
     # Saturated sums would be off by half; float rounding of the scales is far below that.
     return not torch.allclose(torch.ops.quantized.linear_dynamic(x, packed, False), exact, rtol=1e-3)
 

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from csm.int8_dynamic import DynamicInt8Linear, fbgemm_available
+from csm.model import CSM
 from csm.quantize import QuantizedWeight, concatenate, dequantize, quantize, quantized_linear, stored_format
+from tests.csm.test_inference import frames
+from tests.csm.test_model import text_prompt
+from tests.factories.csm import tiny_config, write_csm_checkpoint
 
 ROUTES = ["fbgemm", "int_mm", "dequantized"] if fbgemm_available() else ["int_mm", "dequantized"]
 # The integer routes; "dequantized" is the bf16 fallback off the CPU.
@@ -25,14 +29,15 @@ def activations(rows: int, columns: int, seed: int = 1) -> torch.Tensor:
     return (x * torch.logspace(-2, 1, rows)[:, None]).to(torch.bfloat16)
 
 
-def check_within_bounds(out: torch.Tensor, x: torch.Tensor, quantized: QuantizedWeight) -> None:
+def check_within_bounds(out: torch.Tensor, x: torch.Tensor, quantized: QuantizedWeight, *, spread: bool = True) -> None:
     """The error of quantizing each activation row, against the float product with the int8 weight.
 
     Per row m, every activation is off by at most its step, absmax(x[m]) / 127 (symmetric per row:
     half of that; one affine grid over [-1, 1] after scaling the row to its absmax: 2 / 255 of it,
     less than 1 / 127). So output (m, n) is off by at most
     step[m] * weight_scale[n] * sum_k |q[n, k]|, plus bf16 rounding of the output; and the RMS
-    error, for roundings spread over the step, by about step[m] / sqrt(12) * |w[n]|.
+    error, for roundings spread over the step (`spread`: not for constant inputs), by about
+    step[m] / sqrt(12) * |w[n]|.
     """
     reference = x.float() @ dequantize(quantized, torch.float32).t()
     error = (out.float() - reference).abs()
@@ -40,6 +45,8 @@ def check_within_bounds(out: torch.Tensor, x: torch.Tensor, quantized: Quantized
     scales = quantized.scales.float()
     worst = step * (scales * quantized.data.float().abs().sum(dim=1)) + reference.abs() / 2**8 + 1e-6
     assert (error <= worst).all(), f"worst excess {float((error / worst).max()):.2f}x the bound"
+    if not spread:
+        return
     typical = step / 12**0.5 * (scales * quantized.data.float().norm(dim=1))
     assert float(error.square().mean()) <= 1.5**2 * float(typical.square().mean()) + float((reference / 2**8).square().mean())
 
@@ -94,7 +101,7 @@ def test_saturating_pairs_are_exact():
     x = torch.ones(2, 128, dtype=torch.bfloat16)
     x[:, 0] = 0
     for route in INTEGER_ROUTES:
-        check_within_bounds(DynamicInt8Linear(quantized, route=route)(x), x, quantized)
+        check_within_bounds(DynamicInt8Linear(quantized, route=route)(x), x, quantized, spread=False)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -107,11 +114,23 @@ def test_concatenated_rows_are_the_parts_rows(route):
     assert torch.equal(fused, torch.cat([DynamicInt8Linear(part, route=route)(x) for part in parts], dim=-1))
 
 
-def test_the_int_mm_route_computes_each_row_alone():
-    """Symmetric per-row quantization: a row's product does not depend on the rows beside it."""
-    linear = DynamicInt8Linear(quantize(weight(64, 256), "int8"), route="int_mm")
-    x = activations(5, 256)
+@pytest.mark.parametrize("route", INTEGER_ROUTES)
+@pytest.mark.parametrize("rows", [2, 8, 17])
+def test_each_row_is_computed_as_if_alone(route, rows):
+    """A row's product does not depend on the rows beside it (the engine's batch), bit for bit."""
+    linear = DynamicInt8Linear(quantize(weight(64, 256), "int8"), route=route)
+    x = activations(rows, 256)
     assert torch.equal(linear(x), torch.cat([linear(row[None]) for row in x]))
+
+
+def test_a_model_decodes_each_row_as_if_alone(tmp_path):
+    """As `test_inference` checks for the weight-only modes: batched rows give the frames each
+    gives alone, so the engine's requests do not depend on each other."""
+    model = CSM.from_pretrained(write_csm_checkpoint(tmp_path, tiny_config(), seed=3), quantize="int8-dynamic")
+    assert isinstance(model.decoder.layers[1].attn.qkv_proj.linear, DynamicInt8Linear)
+    prompts = [text_prompt(6, seed=2), text_prompt(6, seed=3), text_prompt(6, seed=4)]
+    alone = [frames(model, [prompt], seed=row) for row, prompt in enumerate(prompts)]
+    assert torch.equal(frames(model, prompts), torch.cat(alone))
 
 
 def test_the_mode_is_chosen_by_name_and_stores_int8():
