@@ -89,13 +89,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     shapes = dict.fromkeys(layer_shapes("llama-1B") + layer_shapes("llama-100M"))
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {capability}")
     print("| N x K | rows | candidate | ms | G weights/s | GMAC/s | rel. RMS error |")
     print("|---|---|---|---|---|---|---|")
     for rows in (int(part) for part in args.rows.split(",")):
         for out_features, in_features in shapes:
             copies = max(2, int(STREAMED_BYTES // (out_features * in_features)))
-            weights = [torch.randn(out_features, in_features, generator=generator) / in_features**0.5 for _ in range(copies)]
+            weights = [
+                torch.randn(out_features, in_features, generator=generator) / in_features**0.5 for _ in range(copies)
+            ]
             x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
             found = candidates(weights, x)
             reference = x.float() @ dequantize(quantize(weights[0], "int8"), torch.float32).t()

@@ -130,7 +130,8 @@ class CSM(nn.Module):
         `dtype` defaults to float32, or bfloat16 with `quantize`. The model is prepared for
         speed (`csm.inference.prepare`): fused products, tokens unchanged; `quantize="int8"` or
         `"int4"` quantizes its linears (bfloat16 activations), `"int8-dynamic"` its activations
-        too (`csm.quantize.MODES`). `compile=True` compiles the frame step (`csm.compiled`). `adapter` is a PEFT LoRA adapter (hub repo id, folder or file),
+        too (`csm.quantize.MODES`). `compile=True` compiles the frame step (`csm.compiled`).
+        `adapter` is a PEFT LoRA adapter (hub repo id, folder or file),
         merged into the plain weights before they are prepared. For the plain published layout, for training or saving, use
         `csm.checkpoints.load_csm`.
         """
