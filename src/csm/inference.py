@@ -7,11 +7,12 @@ adapter is merged into the plain weights):
   weight read and one kernel call instead of three or two, with bit-identical outputs
   (each output row is the same dot product whichever matrix holds it);
 - each codebook's head is laid out as rows, for the one-row mat-vec kernel;
-- with `quantize` one of `csm.quantize.MODES` ("int8", "int8-dynamic", "int4"), every linear of the backbone and the depth decoder
-  and the projection between them becomes a quantized linear (`csm.quantize.quantized_linear`). The
-  embeddings and the two heads stay as they are: embeddings are gathered, not multiplied
-  (a lookup reads 2 rows, not the table), and the heads pick the codes themselves, so their
-  error would change tokens directly; they are also only ~1.5% of a frame's weight traffic.
+- with `quantize` one of `csm.quantize.MODES` ("int8", "int8-dynamic", "int4"), every linear
+  of the backbone and the depth decoder and the projection between them becomes a quantized
+  linear (`csm.quantize.quantized_linear`). The embeddings and the two heads stay as they
+  are: embeddings are gathered, not multiplied (a lookup reads 2 rows, not the table), and the
+  heads pick the codes themselves, so their error would change tokens directly; they are also
+  only ~1.5% of a frame's weight traffic.
 
 The plain model (`csm.checkpoints.load_csm`) keeps the published layout, for training and
 for saving; the prepared one is for generation only.

@@ -56,7 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
     from csm.checkpoints import open_checkpoint
     from csm.devices import default_dtype, parse_dtype
     from csm.mimi import Mimi
-    from csm.quantize import stored_format
+    from csm.quantize import MODES, stored_format
     from csm.text import load_tokenizer
 
     if args.frames < 2:
@@ -70,7 +70,8 @@ def _bench(args: argparse.Namespace) -> int:
         # An int8 folder runs in both int8 modes.
         if args.quality or any(mode.quantize is None or stored_format(mode.quantize) != quantized for mode in modes):
             raise ValueError(
-                f"{args.model} holds {quantized} weights only: it runs as --quantize {quantized}, without "
+                f"{args.model} holds {quantized} weights only: it runs as --quantize "
+                f"{' or '.join(mode for mode in MODES if stored_format(mode) == quantized)}, without "
                 "--quality (which compares with the unquantized model); pass the original weights for more"
             )
     else:
