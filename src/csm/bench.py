@@ -25,7 +25,7 @@ from csm.inference import ProductKernel, choose_kernels
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.quality import ScoredSequence, teacher_forced_logits
-from csm.quantize import FORMATS as QUANTIZED_FORMATS
+from csm.quantize import MODES as QUANTIZED_FORMATS
 
 # Long enough that a real model keeps talking through the timed frames.
 TEXT = (

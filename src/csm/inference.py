@@ -7,11 +7,12 @@ adapter is merged into the plain weights):
   weight read and one kernel call instead of three or two, with bit-identical outputs
   (each output row is the same dot product whichever matrix holds it);
 - each codebook's head is laid out as rows, for the one-row mat-vec kernel;
-- with `quantize="int8"` or `"int4"`, every linear of the backbone and the depth decoder
-  and the projection between them becomes a `csm.quantize.QuantizedLinear`. The
-  embeddings and the two heads stay as they are: embeddings are gathered, not multiplied
-  (a lookup reads 2 rows, not the table), and the heads pick the codes themselves, so their
-  error would change tokens directly; they are also only ~1.5% of a frame's weight traffic.
+- with `quantize` one of `csm.quantize.MODES` ("int8", "int8-dynamic", "int4"), every linear
+  of the backbone and the depth decoder and the projection between them becomes a quantized
+  linear (`csm.quantize.quantized_linear`). The embeddings and the two heads stay as they
+  are: embeddings are gathered, not multiplied (a lookup reads 2 rows, not the table), and the
+  heads pick the codes themselves, so their error would change tokens directly; they are also
+  only ~1.5% of a frame's weight traffic.
 
 The plain model (`csm.checkpoints.load_csm`) keeps the published layout, for training and
 for saving; the prepared one is for generation only.
@@ -33,12 +34,12 @@ from csm.kernels import MV, Choice, KernelTable, Shape, default_table
 from csm.kernels import chooses as kernel_chooses
 from csm.llama import Linear, is_matrix_vector
 from csm.model import CSM
-from csm.quantize import FORMATS, QuantizedLinear, QuantizedWeight, concatenate
+from csm.quantize import MODES, QuantizedWeight, concatenate, quantized_linear
 
 
 def check_quantize(quantize: str | None) -> None:
-    if quantize is not None and quantize not in FORMATS:
-        raise ValueError(f"unknown quantize={quantize!r}: use None, {' or '.join(map(repr, FORMATS))}")
+    if quantize is not None and quantize not in MODES:
+        raise ValueError(f"unknown quantize={quantize!r}: use None, {' or '.join(map(repr, MODES))}")
 
 
 def quantized_linear_names(model: CSM) -> list[str]:
@@ -63,9 +64,9 @@ def prepare(
 
     `quantized` reads the already quantized weight of a linear by its published name (from a
     quantized checkpoint, one layer at a time); the linears of `model` may then be on the
-    meta device. The one-row kernel of every bf16 weight on the CPU is then chosen from
-    `kernels` (default: `csm.kernels.default_table()`, measured on first use), see
-    `choose_kernels`.
+    meta device; `quantize` then names the mode that runs them (default: their stored format).
+    The one-row kernel of every bf16 weight on the CPU is then chosen from `kernels` (default:
+    `csm.kernels.default_table()`, measured on first use), see `choose_kernels`.
     """
     check_quantize(quantize)
     dtype = model.codebook0_head.weight.dtype
@@ -165,12 +166,12 @@ def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -
     """One module for the linears whose weights are `parts`: itself for one, else a `FusedLinear`."""
     sizes = [part.shape[0] for part in parts]
     if all(isinstance(part, QuantizedWeight) for part in parts):
-        linear = _quantized_linear(concatenate(parts))
+        linear = _quantized_linear(concatenate(parts), quantize or parts[0].format)
     else:
         weight = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts[:]  # the separate weights are freed as soon as their modules are
         if quantize is not None:
-            linear = _quantized_linear(quantization.quantize(weight, quantize))
+            linear = _quantized_linear(quantization.quantize(weight, quantize), quantize)
         else:
             with torch.device("meta"):
                 linear = Linear(weight.shape[1], weight.shape[0])
@@ -178,11 +179,11 @@ def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -
     return linear if len(sizes) == 1 else FusedLinear(linear, sizes)
 
 
-def _quantized_linear(weight: QuantizedWeight) -> nn.Module:
-    """The CPU kernels' module on the CPU; on a GPU PyTorch's kernels there, or a clear refusal
-    (`csm.device_quantize`): never the whole weight dequantized at every product."""
+def _quantized_linear(weight: QuantizedWeight, mode: str) -> nn.Module:
+    """`mode`'s CPU module on the CPU; on a GPU PyTorch's weight-only kernels there, or a clear
+    refusal (`csm.device_quantize`): never the whole weight dequantized at every product."""
     if weight.data.device.type in ("cpu", "meta"):
-        return QuantizedLinear(weight)
+        return quantized_linear(weight, mode)
     return device_linear(weight)
 
 

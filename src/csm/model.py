@@ -133,8 +133,9 @@ class CSM(nn.Module):
         Any published layout (see `csm.checkpoints`) or a folder written by `csm quantize`.
         `dtype` defaults to float32, or bfloat16 with `quantize`. The model is prepared for
         speed (`csm.inference.prepare`): fused products, tokens unchanged; `quantize="int8"` or
-        `"int4"` quantizes its linears (bfloat16 activations). `compile=True` compiles the frame
-        step (`csm.compiled`). `adapter` is a PEFT LoRA adapter (hub repo id, folder or file),
+        `"int4"` quantizes its linears (bfloat16 activations), `"int8-dynamic"` its activations
+        too (`csm.quantize.MODES`). `compile=True` compiles the frame step (`csm.compiled`).
+        `adapter` is a PEFT LoRA adapter (hub repo id, folder or file),
         merged into the plain weights before they are prepared. For the plain published layout, for training or saving, use
         `csm.checkpoints.load_csm`.
         """
@@ -143,6 +144,7 @@ class CSM(nn.Module):
         from csm.compiled import compile_frame_step
         from csm.devices import capabilities, check_dtype
         from csm.inference import check_quantize, choose_kernels, prepare
+        from csm.quantize import MODES, stored_format
         from csm.quantized_checkpoint import build_quantized_model
 
         check_quantize(quantize)
@@ -153,12 +155,15 @@ class CSM(nn.Module):
             check_dtype(capabilities(device), dtype or (torch.bfloat16 if quantize else torch.float32))
         checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
         if checkpoint.quantization is not None:
-            if quantize not in (None, checkpoint.quantization) or dtype not in (None, torch.bfloat16):
+            # An int8 folder runs as "int8" or "int8-dynamic": both modes store the same weights.
+            runs = quantize is None or stored_format(quantize) == checkpoint.quantization
+            if not runs or dtype not in (None, torch.bfloat16):
+                modes = " or ".join(repr(mode) for mode in MODES if stored_format(mode) == checkpoint.quantization)
                 raise ValueError(
                     f"{checkpoint.path} is quantized to {checkpoint.quantization} (bfloat16 activations): "
-                    f"load it with quantize=None or {checkpoint.quantization!r} and the default dtype"
+                    f"load it with quantize=None or {modes} and the default dtype"
                 )
-            model = build_quantized_model(checkpoint, device=device)
+            model = build_quantized_model(checkpoint, device=device, mode=quantize)
             choose_kernels(model)  # its heads, read after the quantized linears were built
         else:
             dtype = dtype or (torch.bfloat16 if quantize else torch.float32)

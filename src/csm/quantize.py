@@ -1,4 +1,14 @@
-"""Weight-only int8 and int4 linears, with PyTorch's own CPU kernels.
+"""Quantized linears: weight-only int8 and int4 with PyTorch's own CPU kernels, and the modes.
+
+Modes (`MODES`, the `quantize=` of the loaders and `--quantize` of the commands):
+
+- "int8": weight-only int8. Weights int8 per output channel; activations stay bf16 and the
+  kernel converts each weight to float (`QuantizedLinear`).
+- "int8-dynamic": the same int8 weights times activations quantized to int8 per row at each
+  product, summed in int32 (`csm.int8_dynamic.DynamicInt8Linear`): faster, a little less exact.
+- "int4": weight-only int4, groups of `INT4_GROUP_SIZE` along K.
+
+Both int8 modes store the same weights (`stored_format`), so one quantized folder serves both.
 
 A `QuantizedWeight` is the portable form of one quantized [N, K] matrix, the one checkpoints
 store: row by row, so that the rows of several matrices can be concatenated (fused) without
@@ -22,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The stored forms of quantized weights, and the modes that run them.
 FORMATS = ("int8", "int4")
+MODES = ("int8", "int8-dynamic", "int4")
+_STORED = {"int8": "int8", "int8-dynamic": "int8", "int4": "int4"}
 # One of the kernel's 32, 64, 128, 256, chosen by measurement (benchmarks/bench_int4_groups.py,
 # a frame's full-size products on the 2-core CPU): 32, 64, 128, 256 take 145, 141, 137, 129 ms
 # at relative output errors of 7.8%, 8.9%, 10.0%, 10.9%, with 136, 68, 34, 17 MB of scales and
@@ -63,13 +76,31 @@ class QuantizedWeight:
         return stored if self.zeros is None else {**stored, "zeros": self.zeros}
 
 
+def stored_format(mode: str) -> str:
+    """The format ("int8" or "int4") in which a mode's weights are stored."""
+    if mode not in _STORED:
+        raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+    return _STORED[mode]
+
+
+def quantized_linear(weight: QuantizedWeight, mode: str) -> nn.Module:
+    """The module that runs `weight` in `mode` (whose stored format `weight` must have)."""
+    if stored_format(mode) != weight.format:
+        raise ValueError(f"mode {mode} runs {stored_format(mode)} weights, not {weight.format}")
+    if mode == "int8-dynamic":
+        # Imported here: csm.int8_dynamic builds on this module.
+        from csm.int8_dynamic import DynamicInt8Linear
+
+        return DynamicInt8Linear(weight)
+    return QuantizedLinear(weight)
+
+
 def quantize(weight: torch.Tensor, format: str, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
-    """Quantize a [N, K] weight (any float dtype) to `format` ("int8" or "int4")."""
+    """Quantize a [N, K] weight (any float dtype) for `format` ("int8" or "int4", or a mode of `MODES`)."""
+    format = stored_format(format)
     if format == "int8":
         return _quantize_int8(weight)
-    if format == "int4":
-        return _quantize_int4(weight, group_size)
-    raise ValueError(f"unknown quantization {format!r}: use one of {', '.join(FORMATS)}")
+    return _quantize_int4(weight, group_size)
 
 
 def _quantize_int8(weight: torch.Tensor) -> QuantizedWeight:

@@ -6,6 +6,7 @@ quantization covers (`csm.inference.quantized_linear_names`, published names) is
 the portable form of `csm.quantize.QuantizedWeight` as `<name>.qweight`, `<name>.scales`
 and, for int4, `<name>.zeros`; every other tensor in bfloat16 under its published name. The
 kernels' own layouts depend on the CPU, so they are built at load time, one layer at a time.
+An int8 folder runs in either int8 mode (`csm.quantize.MODES`): both use the same weights.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from csm.checkpoints import CONFIG_FILE, Checkpoint
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.inference import arrange_audio_head, prepare, quantized_linear_names
 from csm.model import CSM
-from csm.quantize import INT4_GROUP_SIZE, QuantizedWeight, quantize
+from csm.quantize import INT4_GROUP_SIZE, QuantizedWeight, quantize, stored_format
 from csm.weights import check_keys_and_shapes
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,10 +39,13 @@ def save_quantized(
 ) -> Path:
     """Write the plain (published-layout) `model` quantized to `format` into `folder`.
 
+    `format` may also name a mode (`csm.quantize.MODES`): the folder holds its stored format.
+
     With `source`, the model repo or folder it came from, its tokenizer and voice prompts are
     copied too, when it has them.
     """
     folder = Path(folder)
+    format = stored_format(format)
     folder.mkdir(parents=True, exist_ok=True)
     linears = set(quantized_linear_names(model))
     tensors = {}
@@ -73,9 +77,15 @@ def _copy_companions(source: hub.Source, revision: str | None, folder: Path) -> 
         shutil.copyfile(found, folder / name)
 
 
-def build_quantized_model(checkpoint: Checkpoint, *, device: torch.device) -> CSM:
-    """The prepared (fused, quantized) model of a quantized checkpoint, built layer by layer."""
+def build_quantized_model(checkpoint: Checkpoint, *, device: torch.device, mode: str | None = None) -> CSM:
+    """The prepared (fused, quantized) model of a quantized checkpoint, built layer by layer.
+
+    `mode` (`csm.quantize.MODES`) must run the checkpoint's format; by default it is that format.
+    """
     format = checkpoint.quantization
+    mode = mode or format
+    if stored_format(mode) != format:
+        raise ValueError(f"{checkpoint.path} holds {format} weights, which mode {mode} cannot run")
     stored = checkpoint.stored
     with torch.device("meta"):
         model = CSM(checkpoint.config).to(torch.bfloat16)
@@ -95,7 +105,7 @@ def build_quantized_model(checkpoint: Checkpoint, *, device: torch.device) -> CS
         return QuantizedWeight(format, read(f"{name}.qweight"), read(f"{name}.scales"), zeros)
 
     with torch.no_grad():
-        prepare(model, format, quantized=quantized)
+        prepare(model, mode, quantized=quantized)
         if device.type == "cpu":
             _map_embeddings(model, checkpoint.path)
         _materialize(model, read, device)

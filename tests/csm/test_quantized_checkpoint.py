@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from csm.checkpoints import load_csm
 from csm.errors import CheckpointError
+from csm.int8_dynamic import DynamicInt8Linear
 from csm.model import CSM
 from csm.quantized_checkpoint import save_quantized
 from tests.csm.test_inference import frames
@@ -44,6 +45,23 @@ def test_a_folder_loads_as_quantizing_at_load_does(original, quantized):
     loaded = frames(CSM.from_pretrained(folder), prompt)
     assert torch.equal(loaded, frames(CSM.from_pretrained(original, quantize=format), prompt))
     assert torch.equal(frames(CSM.from_pretrained(folder, quantize=format), prompt), loaded)
+
+
+def test_an_int8_folder_runs_as_int8_dynamic_too(original, quantized):
+    """One folder serves both int8 modes: the same stored weights, the products chosen at load."""
+    format, folder = quantized
+    if format != "int8":
+        with pytest.raises(ValueError, match="load it with quantize=None or 'int4'"):
+            CSM.from_pretrained(folder, quantize="int8-dynamic")
+        return
+    model = CSM.from_pretrained(folder, quantize="int8-dynamic")
+    assert isinstance(model.decoder.layers[0].mlp.w2, DynamicInt8Linear)
+    assert isinstance(model.backbone.layers[1].attn.qkv_proj.linear, DynamicInt8Linear)
+    # Two rows at once, as the engine runs them; equal to quantizing the original at load.
+    prompts = [text_prompt(5, seed=1), text_prompt(5, seed=2)]
+    loaded = frames(model, prompts)
+    assert loaded.shape[0] == 2
+    assert torch.equal(loaded, frames(CSM.from_pretrained(original, quantize="int8-dynamic"), prompts))
 
 
 def test_the_embedding_tables_stay_in_the_file(quantized):
@@ -88,9 +106,10 @@ def test_offline_from_the_hub_cache(monkeypatch, tmp_path, quantized):
 
 def test_a_folder_is_loaded_only_as_what_it_is(quantized):
     format, folder = quantized
-    other = "int4" if format == "int8" else "int8"
-    with pytest.raises(ValueError, match=f"is quantized to {format}"):
-        CSM.from_pretrained(folder, quantize=other)
+    others = ["int4"] if format == "int8" else ["int8", "int8-dynamic"]
+    for other in others:
+        with pytest.raises(ValueError, match=f"is quantized to {format}"):
+            CSM.from_pretrained(folder, quantize=other)
     with pytest.raises(ValueError, match=f"is quantized to {format}"):
         CSM.from_pretrained(folder, dtype=torch.float32)
     with pytest.raises(CheckpointError, match="has no plain weights"):

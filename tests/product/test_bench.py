@@ -32,7 +32,7 @@ def test_bench_times_each_mode_and_scores_it_against_the_reference(assets):
     assert "frame" in done.stderr.decode()  # the progress bar
     lines = done.stdout.decode().splitlines()
     speed = _table(lines, "csm bench:")
-    assert list(speed) == ["mode", "bf16", "int8", "int4"]  # the default: all of them
+    assert list(speed) == ["mode", "bf16", "int8", "int8-dynamic", "int4"]  # the default: all of them
     assert speed["mode"] == [
         "load s",
         "warm-up s",
@@ -42,7 +42,7 @@ def test_bench_times_each_mode_and_scores_it_against_the_reference(assets):
         "resident GB",
         "peak GB",
     ]
-    for mode in ("bf16", "int8", "int4"):
+    for mode in ("bf16", "int8", "int8-dynamic", "int4"):
         first, per_frame, factor, resident, peak = (float(cell) for cell in speed[mode][2:])
         assert first > 0 and per_frame > 0 and factor == pytest.approx(per_frame / 0.08, abs=0.012)  # both rounded
         assert peak >= resident
@@ -57,10 +57,12 @@ def test_bench_times_each_mode_and_scores_it_against_the_reference(assets):
         assert cells[0].endswith("bfloat16") and cells[1] in measured and all(speed > 0 for speed in measured.values())
     quality = _table(lines, "quality against bf16")
     assert "teacher-forced on 5 frames of the built-in voices; fp32 is the noise floor" in "\n".join(lines)
-    assert list(quality) == ["mode", "int8", "int4", "fp32"]
-    # The quantized modes stay near bf16, int8 nearer than int4 (KL from the mean column).
-    kl = {mode: float(quality[mode][3]) for mode in ("int8", "int4", "fp32")}
+    assert list(quality) == ["mode", "int8", "int8-dynamic", "int4", "fp32"]
+    # The quantized modes stay near bf16, int8 nearer than int4 (KL from the mean column), and
+    # weight-only int8 nearer than int8 with int8 activations too.
+    kl = {mode: float(quality[mode][3]) for mode in ("int8", "int8-dynamic", "int4", "fp32")}
     assert 0 < kl["fp32"] < kl["int8"] < kl["int4"] < 0.1
+    assert kl["int8"] < kl["int8-dynamic"] < 0.1
     per_codebook = _table(lines, "per codebook")
     assert list(per_codebook)[1:] == [str(codebook) for codebook in range(32)]
 
@@ -83,6 +85,9 @@ def test_a_quantized_folder_runs_in_its_own_format_only(assets, tmp_path, capsys
     sources = ["--model", str(folder), "--mimi", str(assets.mimi), "--device", "cpu"]
     assert main(["bench", "--frames", "2", *sources]) == 0
     assert list(_table(capsys.readouterr().out.splitlines(), "csm bench:"))[1:] == ["int8"]
+    # Both int8 modes run the same stored weights.
+    assert main(["bench", "--frames", "2", "--quantize", "int8,int8-dynamic", *sources]) == 0
+    assert list(_table(capsys.readouterr().out.splitlines(), "csm bench:"))[1:] == ["int8", "int8-dynamic"]
     for options in (["--quality"], ["--quantize", "bf16"]):
         assert main(["bench", *sources, *options]) == 2
         error = capsys.readouterr().err.strip()
@@ -126,7 +131,7 @@ def test_modes_parse_from_their_names():
     assert parse_modes("bf16, FP32") == [Mode(torch.bfloat16), Mode(torch.float32)]
     # Quantized modes take bfloat16 activations, whatever --dtype says.
     assert parse_modes("int8,int4") == [Mode(torch.bfloat16, "int8"), Mode(torch.bfloat16, "int4")]
-    assert [mode.name for mode in default_modes(torch.float32)] == ["fp32", "int8", "int4"]
+    assert [mode.name for mode in default_modes(torch.float32)] == ["fp32", "int8", "int8-dynamic", "int4"]
     compiled = with_compiled(parse_modes("fp32,fp16"))
     assert [mode.name for mode in compiled] == ["fp32", "fp32 compiled", "fp16", "fp16 compiled"]
 

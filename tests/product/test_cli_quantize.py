@@ -45,6 +45,14 @@ def test_quantize_writes_a_folder_that_say_uses_offline(assets, tmp_path, capsys
     assert _say(assets, tmp_path, "--model", str(assets.model), "--quantize", "int8") == 2 * FRAME
 
 
+def test_an_int8_folder_says_in_both_int8_modes(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "csm-1b-int8"
+    assert main(["quantize", str(assets.model), "-o", str(folder), "--to", "int8"]) == 0
+    for mode in ("int8", "int8-dynamic"):
+        assert _say(assets, tmp_path, "--model", str(folder), "--quantize", mode) == 2 * FRAME
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

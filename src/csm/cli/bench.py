@@ -24,7 +24,8 @@ def add_commands(commands) -> None:
         "--quantize",
         metavar="MODES",
         help="comma-separated modes to measure: fp32, bf16, fp16 (unquantized), int8, int4 (weight-only, "
-        "bfloat16 activations) (default: the --dtype model, int8 and int4; a `csm quantize` folder: its format)",
+        "bfloat16 activations), int8-dynamic (int8 weights and activations) (default: the --dtype model, "
+        "int8, int8-dynamic and int4; a `csm quantize` folder: its format)",
     )
     bench.add_argument(
         "--compile",
@@ -55,6 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
     from csm.checkpoints import open_checkpoint
     from csm.devices import default_dtype, parse_dtype
     from csm.mimi import Mimi
+    from csm.quantize import MODES, stored_format
     from csm.text import load_tokenizer
 
     if args.frames < 2:
@@ -65,9 +67,11 @@ def _bench(args: argparse.Namespace) -> int:
     quantized = open_checkpoint(args.model).quantization
     if quantized:
         modes = parse_modes(args.quantize or quantized)
-        if args.quality or any(mode.quantize != quantized for mode in modes):
+        # An int8 folder runs in both int8 modes.
+        if args.quality or any(mode.quantize is None or stored_format(mode.quantize) != quantized for mode in modes):
             raise ValueError(
-                f"{args.model} holds {quantized} weights only: it runs as --quantize {quantized}, without "
+                f"{args.model} holds {quantized} weights only: it runs as --quantize "
+                f"{' or '.join(mode for mode in MODES if stored_format(mode) == quantized)}, without "
                 "--quality (which compares with the unquantized model); pass the original weights for more"
             )
     else:

@@ -92,9 +92,11 @@ def add_sources(command: argparse.ArgumentParser, *, watermarker: bool = True) -
 def add_speed(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--quantize",
-        choices=("int8", "int4"),
-        help="weight-only quantization of CSM's linears (bfloat16 activations): faster and smaller, "
-        "slightly different output; a folder from `csm quantize` is quantized already",
+        choices=("int8", "int8-dynamic", "int4"),
+        help="quantize CSM's linears: int8 and int4 are weight-only (bfloat16 activations); int8-dynamic "
+        "multiplies the int8 weights by activations quantized to int8 per row (faster, a little less exact). "
+        "Faster and smaller, slightly different output; a folder from `csm quantize` is quantized already "
+        "(an int8 folder runs as int8 or int8-dynamic)",
     )
     command.add_argument(
         "--compile",

@@ -20,7 +20,13 @@ def add_commands(commands) -> None:
     )
     quantize.add_argument("source", metavar="SOURCE", help="CSM weights: hub repo, folder or file")
     quantize.add_argument("-o", "--output", required=True, type=Path, metavar="FOLDER", help="folder to write")
-    quantize.add_argument("--to", required=True, choices=("int8", "int4"), help="the quantized format")
+    quantize.add_argument(
+        "--to",
+        required=True,
+        choices=("int8", "int4"),
+        help="the quantized format; an int8 folder runs as --quantize int8 (weight-only, the default) "
+        "or int8-dynamic (int8 activations too)",
+    )
     quantize.add_argument("--revision", help="revision of a hub SOURCE")
     quantize.set_defaults(run=_quantize)
 
