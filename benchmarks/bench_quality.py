@@ -1,4 +1,4 @@
-"""`csm bench --quality` on full-size random weights: the README's speed and agreement figures.
+"""`csm bench --quality` on full-size random weights: the speed and agreement figures of docs/performance.md.
 
     python benchmarks/bench_quality.py [--workdir DIR] [csm bench options...]
 
