@@ -64,14 +64,15 @@ def test_a_fused_linear_runs_one_product_off_the_cpu(kernel):
 
 
 def test_the_embedding_without_embedding_bag_sums_the_same_rows(monkeypatch):
-    """Older torch has no MPS embedding_bag: the gathered rows, summed, are the same embedding."""
+    """Older torch has no MPS embedding_bag: the gathered rows, summed, are the same embedding
+    (up to float32 rounding: the two sum the rows in different orders)."""
     model = random_model(tiny_config(), seed=3)
     tokens, mask = text_prompt(6, seed=1)
     tokens[2:4, :32] = torch.randint(2051, (2, 32))
     mask[2:4, :32] = True
     with_bag = model.embed(tokens[None], mask[None])
     monkeypatch.setattr("csm.model.embedding_bag_runs_on", lambda device: False)
-    torch.testing.assert_close(model.embed(tokens[None], mask[None]), with_bag, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.embed(tokens[None], mask[None]), with_bag, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -25,7 +25,8 @@ def _info(args: argparse.Namespace) -> int:
     from csm.voices import VOICE_TRANSCRIPTS, voice_file
     from csm.watermark.watermarker import WEIGHTS_FOLDER
 
-    packages = ("csm", "torch", "numpy", "safetensors", "huggingface_hub", "tokenizers", "soundfile", "soxr")
+    # Distribution names; csm's own is csm-torch (PyPI's `csm` is another project).
+    packages = ("csm-torch", "torch", "numpy", "safetensors", "huggingface_hub", "tokenizers", "soundfile", "soxr")
     print("versions: " + ", ".join(f"{name} {version(name)}" for name in packages))
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
