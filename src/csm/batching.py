@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from csm.errors import GenerationError
-from csm.model import CSM
+from csm.model import CSM, NON_FINITE
 from csm.voice_cache import VoiceCache
 
 # Prompt positions per prefill step. A step of this many positions costs about as much as a
@@ -75,9 +75,10 @@ class Sequence:
         """Positions of this sequence in its cache row (the last frame is not fed yet)."""
         return self.prefilled + max(self.frames - 1, 0)
 
-    def emit(self, frame: torch.Tensor) -> torch.Tensor | None:
-        """Take a sampled frame: itself, or None for the all-zero end of speech."""
-        if not frame.any():
+    def emit(self, frame: torch.Tensor, ends_speech: bool) -> torch.Tensor | None:
+        """Take a sampled frame: itself, or None when it is the all-zero end of speech (which
+        the caller read off the device for all rows at once)."""
+        if ends_speech:
             self.done = True
             return None
         self.frames += 1
@@ -161,22 +162,19 @@ class Batch:
             [sequence.sampling.generator for sequence in sequences],
             self._rows(sequences),
         )
-        # Non-finite logits sample code 0 in every codebook: an all-zero frame, which would end
-        # the utterance as if its speech were over. A row's logits are finite when the backbone
-        # state they follow is (the heads and the depth decoder are the same for every row), so
-        # that state is checked: one reduction and one transfer per step for all rows.
-        finite = torch.isfinite(states).all(dim=-1).tolist()
-        for sequence, ok in zip(sequences, finite, strict=True):
-            if not ok:
+        # What each row's frame means, read off the device in one transfer for all rows.
+        non_finite, ends_speech = torch.stack([frames[:, 0] == NON_FINITE, ~frames.any(dim=-1)]).tolist()
+        emitted = []
+        for sequence, frame, failed, ends in zip(sequences, frames, non_finite, ends_speech, strict=True):
+            if failed:
                 sequence.done = True
                 sequence.error = GenerationError(
-                    f"non-finite logits: the model's state at frame {sequence.frames + 1} of this request "
-                    "holds NaN or infinity, so it cannot go on (its audio would be silence)"
+                    f"non-finite logits at frame {sequence.frames + 1} of this request: the model's numbers "
+                    "hold NaN or infinity, so it cannot go on (its audio would be silence)"
                 )
                 self._clear(sequence.row)
-        return [
-            None if sequence.error else sequence.emit(frame) for sequence, frame in zip(sequences, frames, strict=True)
-        ]
+            emitted.append(None if failed else sequence.emit(frame, ends))
+        return emitted
 
     @staticmethod
     def _rows(sequences: Sequential[Sequence]) -> slice:

@@ -25,6 +25,8 @@ from csm.heap import return_freed_memory
 from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
 from csm.sampling import sample_topk
 
+NON_FINITE = -1  # the code of every codebook of a frame sampled from non-finite logits
+
 
 @dataclass(frozen=True)
 class CSMConfig:
@@ -283,9 +285,13 @@ class CSM(nn.Module):
 
         The second half of `generate_frame`, for a caller that ran the backbone itself, such as
         an engine that gives a row its first frame in the same depth-decoder pass as the others.
+        A row whose logits went non-finite anywhere (NaN or infinity in its backbone state, a
+        head or the depth decoder) gets code -1 in every codebook (`NON_FINITE`).
         """
         rows = self._check_caches(last_hidden.shape[0], rows)
-        first = sample_topk(self.codebook0_head(last_hidden), topk, temperature, generator)
+        logits = self.codebook0_head(last_hidden)
+        finite = torch.isfinite(logits).all(dim=-1)
+        first = sample_topk(logits, topk, temperature, generator)
         codes = [first]
         # No decoder cache reset is needed: positions restart at 0 and every slot a position
         # attends to is written earlier in the same frame.
@@ -294,11 +300,14 @@ class CSM(nn.Module):
         positions = depth_positions[:, :2]
         for k in range(1, self.config.audio_num_codebooks):
             logits = self.depth_step(inputs, positions, rows, self.audio_head[k - 1])
+            finite &= torch.isfinite(logits).all(dim=-1)
             code = sample_topk(logits, topk, temperature, generator)
             codes.append(code)
             inputs = self.audio_embeddings(code + self.codebook_offsets[k])
             positions = depth_positions[:, k + 1 : k + 2]
-        return torch.cat(codes, dim=1)
+        # Non-finite logits sample code 0, and an all-zero frame reads as the end of speech: a
+        # value no codebook has keeps such a row from ending in silence as if nothing were wrong.
+        return torch.cat(codes, dim=1).masked_fill(~finite[:, None], NON_FINITE)
 
     def depth_step(
         self, inputs: torch.Tensor, positions: torch.Tensor, rows: slice, head: torch.Tensor

@@ -120,6 +120,28 @@ def test_non_finite_logits_fail_that_request_only(parts, codec):
     assert stats["requests_failed"] == 1 and stats["requests_finished"] == 2
 
 
+def test_logits_that_go_non_finite_only_in_the_depth_decoder_fail_too(parts, codec):
+    """A codebook head that overflows leaves the backbone state finite: the frame's other
+    codebooks are checked as well, in generate and in the engine."""
+    model, tokenizer = parts
+    head = model.audio_head
+    kept = head[6].clone()
+    with torch.no_grad():
+        head[6, :, 100] = float("inf")
+    try:
+        generator = Generator(model, codec, tokenizer, voice_cache_bytes=0)
+        with pytest.raises(GenerationError, match="non-finite logits at frame 1 of this request"):
+            generator.generate("Hello there.", 0, [], 400, seed=1)
+        with Engine(Generator(model, codec, tokenizer), max_batch=2) as engine:
+            with pytest.raises(GenerationError, match="non-finite logits"):
+                joined(engine.submit(Request("Hello there.", 0, (), 400, seed=1)))
+            stats = engine.stats()
+    finally:
+        with torch.no_grad():
+            head[6] = kept
+    assert stats["requests_failed"] == 1 and stats["active"] == 0
+
+
 def test_a_seed_gives_the_same_codes_beside_others_and_the_audio_within_float_rounding(parts, codec, monkeypatch):
     """Alone in a one-row engine, or in row 2 of four beside other requests: the same frames.
     Mimi's batched step rounds differently with the number of rows it steps, so the samples
