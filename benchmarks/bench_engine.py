@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import random_csm
 
 from csm import Generator, Mimi, Segment
-from csm.batching import PREFILL_CHUNK, Batch
+from csm.batching import PREFILL_CHUNK, CacheRows
 from csm.engine import Engine, Request
 from csm.model import CSMConfig
 from csm.text import load_tokenizer
@@ -75,21 +75,21 @@ def step_seconds(generator: Generator, rows: int, repeats: int = 3) -> tuple[flo
     """Seconds of one batched CSM step of `rows` rows, and of one Mimi step of as many rows."""
     model = generator.model
     model.setup_caches(rows)
-    batch = Batch(model)
+    cache_rows = CacheRows(model)
     prompt = generator.prompt(TEXT, 0, [])
-    first = batch.start(prompt, generator.sampling(10_000, 0.9, 50, 0), 0)
+    first = cache_rows.start(prompt, generator.sampling(10_000, 0.9, 50, 0), 0)
     while first.last is None:
-        batch.prefill(first)
-    sequences = [first]
+        cache_rows.prefill(first)
+    utterances = [first]
     for row in range(1, rows):  # the same prompt in every row: copies of the first
         model.copy_cache_row(0, row, first.written)
-        sequence = batch.start(prompt, generator.sampling(10_000, 0.9, 50, row), row)
-        sequence.prefilled, sequence.frames, sequence.last = first.prefilled, first.frames, first.last
-        sequences.append(sequence)
-    batch.decode(sequences)
+        utterance = cache_rows.start(prompt, generator.sampling(10_000, 0.9, 50, row), row)
+        utterance.prefilled, utterance.frames, utterance.last = first.prefilled, first.frames, first.last
+        utterances.append(utterance)
+    cache_rows.decode(utterances)
     started = time.perf_counter()
     for _ in range(repeats):
-        batch.decode(sequences)
+        cache_rows.decode(utterances)
     csm_seconds = (time.perf_counter() - started) / repeats
     stream = generator.mimi.decode_stream(rows)
     codes = torch.randint(2048, (rows, 32, 1))
@@ -104,11 +104,11 @@ def step_seconds(generator: Generator, rows: int, repeats: int = 3) -> tuple[flo
 def prefill_chunk_seconds(generator: Generator, prompt) -> float:
     """Seconds of the first full prefill chunk of `prompt`, in row 0: what it adds to a turn."""
     generator.model.setup_caches(1)
-    sequence = Batch(generator.model).start(prompt, generator.sampling(240, 0.9, 50, 0), 0)
-    Batch(generator.model).prefill(sequence)  # warm up this shape
-    sequence.prefilled = 0
+    utterance = CacheRows(generator.model).start(prompt, generator.sampling(240, 0.9, 50, 0), 0)
+    CacheRows(generator.model).prefill(utterance)  # warm up this shape
+    utterance.prefilled = 0
     started = time.perf_counter()
-    Batch(generator.model).prefill(sequence)
+    CacheRows(generator.model).prefill(utterance)
     return time.perf_counter() - started
 
 
@@ -167,7 +167,7 @@ def main() -> None:
     voice = [Segment(1, VOICE_TEXT, run_in_fresh_thread(voice_clip, args.voice_seconds))]
     request = Request(TEXT, 1, voice, max_audio_length_ms=240, seed=1)
     cached = Generator(model, mimi, tokenizer)
-    uncached = Generator(model, mimi, tokenizer, voice_cache_bytes=0)
+    uncached = Generator(model, mimi, tokenizer, prefix_cache_bytes=0)
     new = first_audio_seconds(cached, request)
     again = first_audio_seconds(cached, request)
     first_uncached = first_audio_seconds(uncached, request)
@@ -182,7 +182,7 @@ def main() -> None:
         f"  cache off: first request {first_uncached:.2f} s, second {again_uncached:.2f} s "
         f"(context codes cached, positions prefilled again)"
     )
-    print(f"  cached state: {cached.voices.nbytes / 2**20:.1f} MiB")
+    print(f"  cached state: {cached.prefix_cache.nbytes / 2**20:.1f} MiB")
     chunk = run_in_fresh_thread(prefill_chunk_seconds, generator, prompt)
     print(
         f"prefill: one chunk of {PREFILL_CHUNK} positions takes {chunk:.3f} s (what admitting a long prompt adds to a turn)"

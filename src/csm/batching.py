@@ -1,28 +1,28 @@
 """Utterances in rows of the KV caches: each prompt prefilled on its own, then frames for all rows at once.
 
-`Generator.generate` runs one sequence in row 0; `Generator.generate_batch` and the engine run
-one per row. All go through `Batch`, so that a row computes what it computes alone:
+`Generator.generate` runs one `Utterance` in row 0; `Generator.generate_batch` and the engine
+run one per row. All go through `CacheRows`, so that a row computes what it computes alone:
 - a prompt is prefilled in its own row, in chunks cut at the end of every context segment and
-  every `PREFILL_CHUNK` positions, so a voice prefix copied from the `VoiceCache` is bit for
-  bit the state a fresh prefill leaves;
+  every `PREFILL_CHUNK` positions, so a context prefix copied from the `PrefixKVCache` is bit
+  for bit the state a fresh prefill leaves;
 - only one-frame steps are batched, each row sampling from its own generator: the backbone's
   step of the decoding rows, and the depth decoder's pass, which a row whose prompt just went
   in joins for its first frame (`feed`, `advance`, `sample`).
 
-The rows of the sequences that decode together must be contiguous (one step covers a range of
-rows): `move` copies a sequence to another row, for keeping them packed at the bottom.
+The rows of the utterances that decode together must be contiguous (one step covers a range of
+rows): `move` copies an utterance to another row, for keeping them packed at the bottom.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Sequential
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from csm.errors import GenerationError
 from csm.model import CSM, NON_FINITE
-from csm.voice_cache import VoiceCache
+from csm.prefix_cache import PrefixKVCache
 
 # Prompt positions per prefill step. A step of this many positions costs about as much as a
 # batched one-frame step on a CPU, so an engine interleaving the two stalls running rows for
@@ -44,7 +44,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one sequence samples, and how many frames it may make."""
+    """How one utterance samples, and how many frames it may make."""
 
     temperature: float
     topk: int
@@ -52,7 +52,7 @@ class Sampling:
     generator: torch.Generator | None = None
 
 
-class Sequence:
+class Utterance:
     """One utterance in a cache row: how much of its prompt is in, and the frames it made."""
 
     def __init__(self, prompt: Prompt, sampling: Sampling, row: int):
@@ -72,7 +72,7 @@ class Sequence:
 
     @property
     def written(self) -> int:
-        """Positions of this sequence in its cache row (the last frame is not fed yet)."""
+        """Positions of this utterance in its cache row (the last frame is not fed yet)."""
         return self.prefilled + max(self.frames - 1, 0)
 
     def emit(self, frame: torch.Tensor, ends_speech: bool) -> torch.Tensor | None:
@@ -87,119 +87,119 @@ class Sequence:
         return frame
 
 
-class Batch:
-    """Runs sequences in the cache rows of `model`, with voice prefixes from `voices`."""
+class CacheRows:
+    """Runs utterances in the cache rows of `model`, with prompt prefixes from `prefix_cache`."""
 
-    def __init__(self, model: CSM, voices: VoiceCache | None = None):
+    def __init__(self, model: CSM, prefix_cache: PrefixKVCache | None = None):
         self.model = model
-        self.voices = voices
+        self.prefix_cache = prefix_cache
 
     @torch.inference_mode()
-    def start(self, prompt: Prompt, sampling: Sampling, row: int) -> Sequence:
-        """A sequence in `row`, its longest cached context prefix already in place."""
-        sequence = Sequence(prompt, sampling, row)
-        if self.voices is not None:
+    def start(self, prompt: Prompt, sampling: Sampling, row: int) -> Utterance:
+        """An utterance in `row`, its longest cached context prefix already in place."""
+        utterance = Utterance(prompt, sampling, row)
+        if self.prefix_cache is not None:
             for length, key in reversed(prompt.prefixes):
-                state = self.voices.get(key)
+                state = self.prefix_cache.get(key)
                 if state is not None:
                     self.model.load_cache_prefix(row, state)
-                    sequence.prefilled = length
+                    utterance.prefilled = length
                     break
-        return sequence
+        return utterance
 
     @torch.inference_mode()
-    def prefill(self, sequence: Sequence) -> torch.Tensor | None:
+    def prefill(self, utterance: Utterance) -> torch.Tensor | None:
         """Feed the next chunk of the prompt; after the last one, return the first frame.
 
         None while the prompt is not all in, or when the first frame is the end of speech
-        (then `sequence.done` is set).
+        (then `utterance.done` is set).
         """
-        state = self.feed(sequence)
-        return None if state is None else self.sample([sequence], state[None])[0]
+        state = self.feed(utterance)
+        return None if state is None else self.sample([utterance], state[None])[0]
 
     @torch.inference_mode()
-    def feed(self, sequence: Sequence) -> torch.Tensor | None:
+    def feed(self, utterance: Utterance) -> torch.Tensor | None:
         """Feed the next chunk of the prompt into the backbone; after the last one, return the
         backbone state its first frame follows ([dim], for `sample`), else None."""
-        prompt, start = sequence.prompt, sequence.prefilled
+        prompt, start = utterance.prompt, utterance.prefilled
         ends = [length for length, _ in prompt.prefixes if length > start]
         end = min([start + PREFILL_CHUNK, len(prompt), *ends])
         tokens, mask = prompt.tokens[None, start:end], prompt.mask[None, start:end]
         positions = torch.arange(start, end, device=tokens.device)[None]
-        hidden = self.model.backbone_hidden(tokens, mask, positions, slice(sequence.row, sequence.row + 1))
-        sequence.prefilled = end
+        hidden = self.model.backbone_hidden(tokens, mask, positions, slice(utterance.row, utterance.row + 1))
+        utterance.prefilled = end
         if end < len(prompt):
-            self._remember(sequence)
+            self._remember(utterance)
             return None
         return hidden[0, -1]
 
     @torch.inference_mode()
-    def decode(self, sequences: Sequential[Sequence]) -> list[torch.Tensor | None]:
-        """One frame for each decoding sequence, in one step; their rows must be contiguous, in order."""
-        return self.sample(sequences, self.advance(sequences))
+    def decode(self, utterances: Sequence[Utterance]) -> list[torch.Tensor | None]:
+        """One frame for each decoding utterance, in one step; their rows must be contiguous, in order."""
+        return self.sample(utterances, self.advance(utterances))
 
     @torch.inference_mode()
-    def advance(self, sequences: Sequential[Sequence]) -> torch.Tensor:
-        """Feed each decoding sequence its last frame, in one backbone step: the states [n, dim]
+    def advance(self, utterances: Sequence[Utterance]) -> torch.Tensor:
+        """Feed each decoding utterance its last frame, in one backbone step: the states [n, dim]
         their next frames follow (for `sample`)."""
-        rows = self._rows(sequences)
-        frames = torch.stack([sequence.last for sequence in sequences])
+        rows = self._rows(utterances)
+        frames = torch.stack([utterance.last for utterance in utterances])
         # Each frame becomes its row's next position: 32 audio slots set, the text slot empty.
         tokens = torch.cat([frames, frames.new_zeros(len(frames), 1)], dim=1)[:, None]
         mask = torch.ones_like(tokens, dtype=torch.bool)
         mask[..., -1] = False
-        positions = torch.tensor([[sequence.written] for sequence in sequences], device=frames.device)
+        positions = torch.tensor([[utterance.written] for utterance in utterances], device=frames.device)
         return self.model.backbone_hidden(tokens, mask, positions, rows)[:, -1]
 
     @torch.inference_mode()
-    def sample(self, sequences: Sequential[Sequence], states: torch.Tensor) -> list[torch.Tensor | None]:
-        """The next frame of each sequence (contiguous rows, in order) from its backbone state
+    def sample(self, utterances: Sequence[Utterance], states: torch.Tensor) -> list[torch.Tensor | None]:
+        """The next frame of each utterance (contiguous rows, in order) from its backbone state
         (states [n, dim]), in one depth-decoder pass: what each `emit`s."""
         frames = self.model.sample_frame(
             states,
-            [sequence.sampling.temperature for sequence in sequences],
-            [sequence.sampling.topk for sequence in sequences],
-            [sequence.sampling.generator for sequence in sequences],
-            self._rows(sequences),
+            [utterance.sampling.temperature for utterance in utterances],
+            [utterance.sampling.topk for utterance in utterances],
+            [utterance.sampling.generator for utterance in utterances],
+            self._rows(utterances),
         )
         # What each row's frame means, read off the device in one transfer for all rows.
         non_finite, ends_speech = torch.stack([frames[:, 0] == NON_FINITE, ~frames.any(dim=-1)]).tolist()
         emitted = []
-        for sequence, frame, failed, ends in zip(sequences, frames, non_finite, ends_speech, strict=True):
+        for utterance, frame, failed, ends in zip(utterances, frames, non_finite, ends_speech, strict=True):
             if failed:
-                sequence.done = True
-                sequence.error = GenerationError(
-                    f"non-finite logits at frame {sequence.frames + 1} of this request: the model's numbers "
+                utterance.done = True
+                utterance.error = GenerationError(
+                    f"non-finite logits at frame {utterance.frames + 1} of this request: the model's numbers "
                     "hold NaN or infinity, so it cannot go on (its audio would be silence)"
                 )
-                self._clear(sequence.row)
-            emitted.append(None if failed else sequence.emit(frame, ends))
+                self._clear(utterance.row)
+            emitted.append(None if failed else utterance.emit(frame, ends))
         return emitted
 
     @staticmethod
-    def _rows(sequences: Sequential[Sequence]) -> slice:
-        rows = slice(sequences[0].row, sequences[-1].row + 1)
-        if [sequence.row for sequence in sequences] != list(range(rows.start, rows.stop)):
-            raise ValueError("sequences stepped together must be in contiguous rows, in order")
+    def _rows(utterances: Sequence[Utterance]) -> slice:
+        rows = slice(utterances[0].row, utterances[-1].row + 1)
+        if [utterance.row for utterance in utterances] != list(range(rows.start, rows.stop)):
+            raise ValueError("utterances stepped together must be in contiguous rows, in order")
         return rows
 
     @torch.inference_mode()
-    def move(self, sequence: Sequence, row: int) -> None:
-        """Put `sequence` in cache row `row` (a copy of the positions it has written)."""
-        self.model.copy_cache_row(sequence.row, row, sequence.written)
-        sequence.row = row
+    def move(self, utterance: Utterance, row: int) -> None:
+        """Put `utterance` in cache row `row` (a copy of the positions it has written)."""
+        self.model.copy_cache_row(utterance.row, row, utterance.written)
+        utterance.row = row
 
-    def pack(self, sequences: Sequential[Sequence], leaving: Sequential[Sequence] = ()) -> list[Sequence]:
-        """The unfinished of `sequences` (in rows 0 .. n-1, in order), but those `leaving` their
+    def pack(self, utterances: Sequence[Utterance], leaving: Sequence[Utterance] = ()) -> list[Utterance]:
+        """The unfinished of `utterances` (in rows 0 .. n-1, in order), but those `leaving` their
         rows, in rows 0 .. m-1.
 
-        The last sequence moves into the row of one that left: one copy per row left.
+        The last utterance moves into the row of one that left: one copy per row left.
         """
-        packed = list(sequences)
-        gone = {id(sequence) for sequence in leaving}
+        packed = list(utterances)
+        gone = {id(utterance) for utterance in leaving}
 
-        def left(sequence: Sequence) -> bool:
-            return sequence.done or id(sequence) in gone
+        def left(utterance: Utterance) -> bool:
+            return utterance.done or id(utterance) in gone
 
         index = 0
         while index < len(packed):
@@ -216,17 +216,17 @@ class Batch:
 
     def _clear(self, row: int) -> None:
         """Zero cache row `row` of both transformers. A row that went non-finite leaves NaN in
-        slots that the next sequence there does not write: attention gives them zero weight, but
+        slots that the next utterance there does not write: attention gives them zero weight, but
         zero times NaN is still NaN."""
         model = self.model
         depth_slots = model.config.audio_num_codebooks
         for transformer, slots in ((model.backbone, model.max_seq_len), (model.decoder, depth_slots)):
             transformer.load_cache_prefix(row, torch.zeros_like(transformer.cache_prefix(row, slots)))
 
-    def _remember(self, sequence: Sequence) -> None:
+    def _remember(self, utterance: Utterance) -> None:
         """Keep the KV state of a context prefix that the last chunk completed."""
-        if self.voices is None:
+        if self.prefix_cache is None:
             return
-        for length, key in sequence.prompt.prefixes:
-            if length == sequence.prefilled and key not in self.voices:
-                self.voices.put(key, self.model.cache_prefix(sequence.row, length))
+        for length, key in utterance.prompt.prefixes:
+            if length == utterance.prefilled and key not in self.prefix_cache:
+                self.prefix_cache.put(key, self.model.cache_prefix(utterance.row, length))

@@ -292,11 +292,11 @@ class Handle:
 
 @dataclass
 class _Active:
-    """A request in a row: its stream, its sequence, its row of the audio decoder once it speaks,
+    """A request in a row: its stream, its utterance, its row of the audio decoder once it speaks,
     and, while it waits for its reader, its parked cache and audio state."""
 
     stream: _Stream
-    sequence: batching.Sequence
+    utterance: batching.Utterance
     audio_row: int | None = None
     error: BaseException | None = None
     parked: tuple[torch.Tensor, RowState] | None = None
@@ -340,7 +340,7 @@ class Engine:
         for name, value in (("max_ahead_s", max_ahead_s), ("client_timeout_s", client_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        generator._claim(self)
+        generator.claim(self)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_ahead_s = max_ahead_s
@@ -369,7 +369,7 @@ class Engine:
         try:
             started.result()
         except BaseException:
-            generator._release(self)
+            generator.release(self)
             raise
 
     def __enter__(self) -> Engine:  # noqa: PYI034 -- typing.Self needs Python 3.11
@@ -463,7 +463,7 @@ class Engine:
         self._preparer.join()  # no prompt is being made with the generator once it is back
         if threading.current_thread() is not self._thread:
             self._thread.join()
-        self._generator._release(self)
+        self._generator.release(self)
 
     # Places and the waiting requests, from any thread.
 
@@ -578,7 +578,7 @@ class Engine:
         # one whose torch work starts OpenMP workers while the engine runs (see csm.threads).
         try:
             self._audio = self._mimi.decode_stream(self.max_batch)
-            self._batch = batching.Batch(self._generator.model, self._generator.voices)
+            self._batch = batching.CacheRows(self._generator.model, self._generator.prefix_cache)
             self._generator.model.setup_caches(self.max_batch)
         except BaseException as error:  # noqa: BLE001 -- raised by the constructor
             started.set_exception(error)
@@ -648,11 +648,11 @@ class Engine:
         for active in list(self._prefilling):
             if fed >= batching.PREFILL_CHUNK:
                 break
-            start = active.sequence.prefilled
+            start = active.utterance.prefilled
             state = self._feed(active)
             if state is None:  # not all in yet, or failed: the rows above are not contiguous
                 break
-            fed += active.sequence.prefilled - start
+            fed += active.utterance.prefilled - start
             stepping.append(active)
             states.append(state[None])
         frames = self._sample(stepping, states) if stepping else []
@@ -665,16 +665,16 @@ class Engine:
             self._end(stream)
             return
         try:
-            sequence = self._batch.start(stream.prompt, stream.sampling, len(self._decoding) + len(self._prefilling))
+            utterance = self._batch.start(stream.prompt, stream.sampling, len(self._decoding) + len(self._prefilling))
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this request only
             self._end(stream, error)
             return
-        self._prefilling.append(_Active(stream, sequence))
+        self._prefilling.append(_Active(stream, utterance))
 
     def _drop_cancelled(self) -> None:
         for active in self._decoding:
             if active.stream.finished:
-                active.sequence.done = True
+                active.utterance.done = True
         for active in [active for active in [*self._prefilling, *self._parked] if active.stream.finished]:
             (self._prefilling if active in self._prefilling else self._parked).remove(active)
             self._end(active.stream)
@@ -686,11 +686,11 @@ class Engine:
     def _hold_back(self) -> None:
         now = time.monotonic()
         for active in self._decoding:
-            stream, sequence = active.stream, active.sequence
-            if sequence.done or stream.unread <= self._max_ahead:
+            stream, utterance = active.stream, active.utterance
+            if utterance.done or stream.unread <= self._max_ahead:
                 continue
             active.parked = (
-                self._batch.model.cache_prefix(sequence.row, sequence.written),
+                self._batch.model.cache_prefix(utterance.row, utterance.written),
                 self._audio.save(active.audio_row),
             )
             active.parked_since = now
@@ -718,11 +718,11 @@ class Engine:
             row = len(self._decoding)
             self._decoding.append(active)  # first: should what follows fail, it fails with the others
             if self._prefilling:  # the first prompt being prefilled makes way, to the top
-                self._batch.move(self._prefilling[0].sequence, row + len(self._prefilling))
+                self._batch.move(self._prefilling[0].utterance, row + len(self._prefilling))
                 self._prefilling.append(self._prefilling.pop(0))
             cache, audio = active.parked
             self._batch.model.load_cache_prefix(row, cache)
-            active.sequence.row = row
+            active.utterance.row = row
             active.audio_row = min(self._free_audio_rows)
             self._free_audio_rows.remove(active.audio_row)
             self._audio.restore(active.audio_row, audio)
@@ -755,7 +755,7 @@ class Engine:
         if not self._decoding:
             return [], []
         try:
-            states = self._batch.advance([active.sequence for active in self._decoding])
+            states = self._batch.advance([active.utterance for active in self._decoding])
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             self._fail(self._decoding, error)
             return [], []
@@ -764,7 +764,7 @@ class Engine:
     def _feed(self, active: _Active) -> torch.Tensor | None:
         """The next chunk of a prompt being prefilled: the state its first frame follows, once all in."""
         try:
-            return self._batch.feed(active.sequence)
+            return self._batch.feed(active.utterance)
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails this request only
             self._prefilling.remove(active)
             self._end(active.stream, error)
@@ -773,16 +773,16 @@ class Engine:
     def _sample(self, stepping: list[_Active], states: list[torch.Tensor]) -> list[tuple[_Active, torch.Tensor]]:
         """One depth-decoder pass for every row that stepped: their frames."""
         try:
-            frames = self._batch.sample([active.sequence for active in stepping], torch.cat(states))
+            frames = self._batch.sample([active.utterance for active in stepping], torch.cat(states))
         except Exception as error:  # noqa: BLE001 -- whatever it is, it fails these requests only
             frames = [None] * len(stepping)
             self._fail(stepping, error)
         for active, frame in zip(stepping, frames, strict=True):
-            active.error = active.error or active.sequence.error  # non-finite logits fail this one only
+            active.error = active.error or active.utterance.error  # non-finite logits fail this one only
             if active in self._prefilling:
                 # Its first frame is out, or it ended (end of speech at once, or a failure).
                 self._prefilling.remove(active)
-                if active.sequence.done and frame is None:
+                if active.utterance.done and frame is None:
                     self._end(active.stream, active.error)
                 else:
                     self._decoding.append(active)
@@ -792,7 +792,7 @@ class Engine:
     def _fail(rows: list[_Active], error: BaseException) -> None:
         """Mark the requests of `rows` failed; `_release` ends them."""
         for active in rows:
-            active.sequence.done = True
+            active.utterance.done = True
             active.error = error
 
     def _speak(self, frames: list[tuple[_Active, torch.Tensor]]) -> None:
@@ -835,19 +835,19 @@ class Engine:
         """End the finished rows, pack the others into rows 0 .. n-1 (the parked ones leave), and
         the prefilling ones above."""
         for active in self._decoding:
-            if active.sequence.done:
+            if active.utterance.done:
                 self._end(active.stream, active.error)
                 if active.audio_row is not None:
                     self._free_audio_rows.append(active.audio_row)
-        by_sequence = {id(active.sequence): active for active in self._decoding}
-        leaving = [active.sequence for active in self._decoding if active.parked is not None]
-        packed = self._batch.pack([active.sequence for active in self._decoding], leaving)
-        self._decoding = [by_sequence[id(sequence)] for sequence in packed]
+        by_utterance = {id(active.utterance): active for active in self._decoding}
+        leaving = [active.utterance for active in self._decoding if active.parked is not None]
+        packed = self._batch.pack([active.utterance for active in self._decoding], leaving)
+        self._decoding = [by_utterance[id(utterance)] for utterance in packed]
         # Rows only ever free up below a prompt being prefilled, so each moves down, in order,
         # into a row that is free by then.
         for row, active in enumerate(self._prefilling, start=len(self._decoding)):
-            if active.sequence.row != row:
-                self._batch.move(active.sequence, row)
+            if active.utterance.row != row:
+                self._batch.move(active.utterance, row)
 
     def _end(self, stream: _Stream, error: BaseException | None = None) -> None:
         """Release a request that held a row (or was admitted): finished, failed or cancelled.

@@ -6,8 +6,9 @@ text to speak. CSM then emits one 32-code frame per 80 ms until it samples an al
 frame or reaches the length limit, and Mimi turns the codes into audio. Context audio is
 encoded once and remembered by content, so a conversation loop that passes its growing
 history on every call only encodes each new turn, and the KV state of every context prefix
-is kept in a `VoiceCache`, so a voice or conversation already heard is not prefilled again.
-`generate_batch` makes many utterances together, one per row of the KV caches.
+is kept in a `PrefixKVCache`, so a voice or conversation already heard is not prefilled again.
+`generate_batch` makes many utterances together, one per row of the KV caches. An engine
+(`csm.engine`) takes the model for itself with `claim` and gives it back with `release`.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from csm.audio import check_audio
-from csm.batching import Batch, Prompt, Sampling
+from csm.batching import CacheRows, Prompt, Sampling
 from csm.devices import default_device, default_dtype
 from csm.mimi import Mimi
 from csm.model import CSM
+from csm.prefix_cache import PrefixKVCache
 from csm.text import audio_frames, load_tokenizer, text_frames
 from csm.sampling import TEMPERATURE_RANGE
 from csm.threads import run_in_fresh_thread
-from csm.voice_cache import VoiceCache
 from csm.watermark import CSM_KEY, Watermarker
 from csm.watermark.message import check_key
 from csm.watermark.stream import watermark_stream
@@ -39,7 +40,7 @@ FRAME_MS = 80
 # as running the rows apart, and each row holds a 2048-position KV cache.
 BATCH_ROWS = 8
 # About 40 ten-second voices of CSM-1B in bfloat16 (32 KiB per position).
-VOICE_CACHE_BYTES = 256 * 2**20
+PREFIX_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -56,8 +57,8 @@ class Generator:
     """Generates speech with a CSM network, a Mimi codec and (optionally) a watermarker.
 
     One generation runs at a time: starting a new one makes an unfinished stream fail
-    rather than return mixed-up audio. `voice_cache_bytes` bounds the cached KV state of
-    context prefixes (0 turns the cache off).
+    rather than return mixed-up audio. `prefix_cache_bytes` bounds the cached KV state of
+    context prefixes (`prefix_cache`; 0 turns it off).
     """
 
     def __init__(
@@ -69,18 +70,18 @@ class Generator:
         *,
         watermark_key: Sequence[int] = CSM_KEY,
         context_cache_size: int = 64,
-        voice_cache_bytes: int = VOICE_CACHE_BYTES,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     ):
         self._model = model
         self._one_row_caches()
-        self.voices = VoiceCache(voice_cache_bytes)
-        self._batch = Batch(model, self.voices)
+        self.prefix_cache = PrefixKVCache(prefix_cache_bytes)
+        self._rows = CacheRows(model, self.prefix_cache)
         self._owner = None
         self._mimi = mimi
         self._tokenizer = tokenizer
         self._watermarker = watermarker
         self._watermark_key = list(check_key(watermark_key))
-        self._context_codes = _CodeCache(self._encode, context_cache_size)
+        self._context_codes = _ContextCodeCache(self._encode, context_cache_size)
         self._run = 0
         self.sample_rate = mimi.sample_rate
         self.device = next(model.parameters()).device
@@ -246,14 +247,14 @@ class Generator:
         return self._sample(self._run, prompt, self.sampling(max_audio_length_ms, temperature, topk, seed))
 
     def _sample(self, run: int, prompt: Prompt, sampling: Sampling) -> Iterator[torch.Tensor]:
-        sequence = self._batch.start(prompt, sampling, row=0)
-        while not sequence.done:
+        utterance = self._rows.start(prompt, sampling, row=0)
+        while not utterance.done:
             if run != self._run:
                 raise RuntimeError("another generation started on this Generator before this stream finished")
-            decoding = sequence.last is not None
-            frame = self._batch.decode([sequence])[0] if decoding else self._batch.prefill(sequence)
-            if sequence.error is not None:
-                raise sequence.error
+            decoding = utterance.last is not None
+            frame = self._rows.decode([utterance])[0] if decoding else self._rows.prefill(utterance)
+            if utterance.error is not None:
+                raise utterance.error
             if frame is not None:
                 yield frame
 
@@ -267,17 +268,17 @@ class Generator:
         try:
             while waiting or running:
                 while waiting and len(running) < rows:
-                    sequence = self._batch.start(*waiting.popleft(), row=len(running))
-                    frames[sequence] = []
-                    while sequence.last is None and not sequence.done:
-                        _keep(frames[sequence], self._batch.prefill(sequence))
-                    _raise_error(sequence)
-                    running = self._batch.pack([*running, sequence])
+                    utterance = self._rows.start(*waiting.popleft(), row=len(running))
+                    frames[utterance] = []
+                    while utterance.last is None and not utterance.done:
+                        _keep(frames[utterance], self._rows.prefill(utterance))
+                    _raise_error(utterance)
+                    running = self._rows.pack([*running, utterance])
                 if running:
-                    for sequence, frame in zip(running, self._batch.decode(running)):
-                        _raise_error(sequence)
-                        _keep(frames[sequence], frame)
-                    running = self._batch.pack(running)
+                    for utterance, frame in zip(running, self._rows.decode(running)):
+                        _raise_error(utterance)
+                        _keep(frames[utterance], frame)
+                    running = self._rows.pack(running)
         finally:
             self._model.setup_caches(1)
         return list(frames.values())
@@ -290,13 +291,21 @@ class Generator:
             audio = self._mimi.decode(self._for_mimi(torch.stack(frames, dim=-1)))[0, 0]
         return self.watermark(audio.float())
 
-    def _claim(self, owner: object) -> None:
-        """Lend the model to `owner` (an engine); this generator refuses to generate until released."""
+    def claim(self, owner: object) -> None:
+        """Lend the model to `owner` (an engine) until `release(owner)`.
+
+        Meanwhile `generate`, `generate_stream` and `generate_batch` raise RuntimeError (a stream
+        not finished fails at its next frame), and the owner may set the model's caches up for
+        as many rows as it runs; `check_request`, `prompt`, `sampling` and `watermark` stay
+        available. RuntimeError if the model is lent already.
+        """
         self._check_free()
         self._owner = owner
         self._run += 1
 
-    def _release(self, owner: object) -> None:
+    def release(self, owner: object) -> None:
+        """Take the model back from `owner`, with caches for one row again; nothing happens if
+        `owner` does not hold it."""
         if self._owner is owner:
             self._owner = None
             self._one_row_caches()
@@ -451,9 +460,9 @@ def _check_batch(texts, speakers, contexts, seeds) -> int:
     return lengths["texts"]
 
 
-def _raise_error(sequence) -> None:
-    if sequence.error is not None:
-        raise sequence.error
+def _raise_error(utterance) -> None:
+    if utterance.error is not None:
+        raise utterance.error
 
 
 def _keep(frames: list[torch.Tensor], frame: torch.Tensor | None) -> None:
@@ -465,7 +474,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _CodeCache:
+class _ContextCodeCache:
     """Mimi codes of context audio, remembered by the audio's content (least recently used out)."""
 
     def __init__(self, encode, capacity: int):

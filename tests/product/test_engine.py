@@ -49,13 +49,13 @@ def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts,
         Request("A longer line of words, to say after a voice.", 1, (VOICE,), 560, temperature, topk, seed=2),
         Request("Short.", 0, (VOICE, TURN), 240, temperature, topk, seed=3),
     ]
-    reference = Generator(model, codec, tokenizer, voice_cache_bytes=0)
+    reference = Generator(model, codec, tokenizer, prefix_cache_bytes=0)
     expected = [alone(reference, request) for request in requests]
     assert [len(audio) // 1920 for audio in expected] == [5, 7, 3]
 
     generator = Generator(model, codec, tokenizer)
     feeds = []
-    monkeypatch.setattr(batching.Batch, "feed", counted(batching.Batch.feed, feeds))
+    monkeypatch.setattr(batching.CacheRows, "feed", counted(batching.CacheRows.feed, feeds))
     with Engine(generator, max_batch=2) as engine:
         first = engine.submit(requests[0])
         heard = [[next(first)], [], []]
@@ -73,7 +73,7 @@ def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts,
     assert stats["queue_length"] == 0 and stats["active"] == 0
     # The third request's voice prefix came from the cache that the second one filled: it was
     # not fed again.
-    assert generator.voices.hits == 1
+    assert generator.prefix_cache.hits == 1
     voice_positions = generator.prompt(requests[2].text, requests[2].speaker, requests[2].context).prefixes[0][0]
     prompts = sum(generator.prompt_length(request.text, request.speaker, request.context) for request in requests)
     assert sum(feeds) == prompts - voice_positions
@@ -82,7 +82,7 @@ def test_rows_admitted_at_different_frames_give_what_generate_gives_alone(parts,
 def test_threads_and_an_asyncio_loop_submit_at_once(generator, parts, codec):
     model, tokenizer = parts
     requests = [Request(f"Line number {i}.", i % 2, (VOICE,) if i % 3 == 0 else (), 240, seed=i) for i in range(6)]
-    reference = Generator(model, codec, tokenizer, voice_cache_bytes=0)
+    reference = Generator(model, codec, tokenizer, prefix_cache_bytes=0)
     expected = [alone(reference, request) for request in requests]
 
     async def collect(engine, request):
@@ -142,7 +142,7 @@ def test_a_full_queue_rejects_and_frees_up(generator):
 def test_a_failing_request_fails_alone(generator, parts, codec):
     model, tokenizer = parts
     good = Request("Still fine.", 0, (VOICE,), 240, seed=4)
-    expected = alone(Generator(model, codec, tokenizer, voice_cache_bytes=0), good)
+    expected = alone(Generator(model, codec, tokenizer, prefix_cache_bytes=0), good)
     clip = speech_like(0.3, seed=13)
     clip[100] = float("nan")
     with Engine(generator, max_batch=1) as engine:
@@ -180,7 +180,7 @@ def test_memory_stays_flat_over_a_thousand_requests(generator):
         # the last row when the last reader returns.
         assert live_tensors() <= warm + 8
     assert stats["requests_finished"] == 1000 and stats["active"] == 0 and stats["queue_length"] == 0
-    assert generator.voices.nbytes <= generator.voices.max_bytes
+    assert generator.prefix_cache.nbytes <= generator.prefix_cache.max_bytes
 
 
 def test_requests_are_checked_when_submitted(generator):

@@ -129,7 +129,7 @@ def test_a_dead_worker_fails_every_waiting_running_and_later_request_at_once(gen
     def explode(batch, sequences):
         raise Boom("the device is gone")
 
-    monkeypatch.setattr(batching.Batch, "advance", explode)
+    monkeypatch.setattr(batching.CacheRows, "advance", explode)
     for reader in readers:
         reader.join(timeout=60)
     assert not any(reader.is_alive() for reader in readers), "a reader still waits"
@@ -146,7 +146,7 @@ def test_a_dead_worker_fails_every_waiting_running_and_later_request_at_once(gen
 
 
 def test_a_failing_turn_fails_its_rows_and_the_engine_serves_on(generator, monkeypatch):
-    advance = batching.Batch.advance
+    advance = batching.CacheRows.advance
     calls = []
 
     def fail_once(batch, sequences):
@@ -155,7 +155,7 @@ def test_a_failing_turn_fails_its_rows_and_the_engine_serves_on(generator, monke
             raise RuntimeError("out of memory, once")
         return advance(batch, sequences)
 
-    monkeypatch.setattr(batching.Batch, "advance", fail_once)
+    monkeypatch.setattr(batching.CacheRows, "advance", fail_once)
     with Engine(generator, max_batch=1) as engine:
         with pytest.raises(RuntimeError, match="once"):
             list(engine.submit(LONG))

@@ -33,7 +33,7 @@ def test_a_slow_reader_holds_its_row_back_and_the_others_go_on(parts, codec, mon
     slow_request = Request("Hello there.", 0, (), 15 * 80, seed=1)
     fast_request = Request("A longer line of words, after a voice.", 1, (VOICE,), 12 * 80, seed=2)
     later_request = Request("Short and late.", 0, (VOICE,), 10 * 80, seed=3)
-    reference = Generator(model, codec, tokenizer, voice_cache_bytes=0)
+    reference = Generator(model, codec, tokenizer, prefix_cache_bytes=0)
     expected = [alone(reference, request) for request in (slow_request, fast_request, later_request)]
 
     # 0.3 s is 3.75 frames: a row stops after its reader left 4 frames unread, and goes on once
@@ -48,14 +48,14 @@ def test_a_slow_reader_holds_its_row_back_and_the_others_go_on(parts, codec, mon
         # The slow one comes back while another prompt is being prefilled (held there until
         # then), so that prompt's row makes way for it.
         gate = threading.Event()
-        feed = batching.Batch.feed
+        feed = batching.CacheRows.feed
 
         def held_feed(batch, sequence):
             if sequence.sampling.max_frames == 10 and not gate.is_set():
                 return None  # not all in yet
             return feed(batch, sequence)
 
-        monkeypatch.setattr(batching.Batch, "feed", held_feed)
+        monkeypatch.setattr(batching.CacheRows, "feed", held_feed)
         later = engine.submit(later_request)
         deadline = time.monotonic() + 60
         while engine.stats()["active"] < 2 and time.monotonic() < deadline:
@@ -95,7 +95,7 @@ def test_non_finite_logits_fail_that_request_only(parts, codec):
     model, tokenizer = parts
     good = [Request("Hello there.", 0, (), 400, seed=1), Request("Next line.", 1, (VOICE,), 320, seed=2)]
     bad = Request("Quixotic jazz.", 0, (), 400, seed=3)
-    reference = Generator(model, codec, tokenizer, voice_cache_bytes=0)
+    reference = Generator(model, codec, tokenizer, prefix_cache_bytes=0)
     expected = [alone(reference, request) for request in good]
     said = {id_ for request in good for id_ in tokenizer.encode(f"[{request.speaker}]{request.text}").ids}
     token = max(set(tokenizer.encode(f"[0]{bad.text}").ids) - said - {0})
@@ -129,7 +129,7 @@ def test_logits_that_go_non_finite_only_in_the_depth_decoder_fail_too(parts, cod
     with torch.no_grad():
         head[6, :, 100] = float("inf")
     try:
-        generator = Generator(model, codec, tokenizer, voice_cache_bytes=0)
+        generator = Generator(model, codec, tokenizer, prefix_cache_bytes=0)
         with pytest.raises(GenerationError, match="non-finite logits at frame 1 of this request"):
             generator.generate("Hello there.", 0, [], 400, seed=1)
         with Engine(Generator(model, codec, tokenizer), max_batch=2) as engine:

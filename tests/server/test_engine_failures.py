@@ -58,9 +58,9 @@ def _client(server) -> openai.OpenAI:
 
 
 def _fail(monkeypatch, method: str, error: BaseException, on_call: int) -> None:
-    """The worker's `on_call`-th call of `batching.Batch.<method>` raises `error` (sample: the
+    """The worker's `on_call`-th call of `batching.CacheRows.<method>` raises `error` (sample: the
     depth decoder's pass, which makes every frame; advance: the backbone's step after the first)."""
-    real = getattr(batching.Batch, method)
+    real = getattr(batching.CacheRows, method)
     calls = []
 
     def failing(batch, *args):
@@ -69,7 +69,7 @@ def _fail(monkeypatch, method: str, error: BaseException, on_call: int) -> None:
             raise error
         return real(batch, *args)
 
-    monkeypatch.setattr(batching.Batch, method, failing)
+    monkeypatch.setattr(batching.CacheRows, method, failing)
 
 
 def test_a_frame_that_fails_fails_its_request_alone(live, monkeypatch):

@@ -1,10 +1,11 @@
-"""Cached voice prompts: the KV state of prompt prefixes, kept by content within a byte budget.
+"""The backbone's KV state of prompt prefixes, kept by the prefixes' content within a byte budget.
 
 A voice is context that many requests share: a built-in prompt, or an uploaded clip with its
-transcript. Prefilling its positions costs as much as everything else before the first frame,
-so the backbone's keys and values of each context prefix are kept here, keyed by the prefix's
-tokens, and copied into a cache row instead of being recomputed. The least recently used
-entries go first when the total size would exceed the budget.
+transcript; a conversation shares its earlier turns with its next request. Prefilling those
+positions costs as much as everything else before the first frame, so the backbone's keys and
+values of each context prefix are kept here, keyed by the prefix's tokens, and copied into a
+cache row instead of being recomputed. The least recently used entries go first when the total
+size would exceed the budget.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections import OrderedDict
 import torch
 
 
-class VoiceCache:
-    """KV states by content key, at most `max_bytes` in all, least recently used out."""
+class PrefixKVCache:
+    """KV states of prompt prefixes by content key, at most `max_bytes` in all, least recently used out."""
 
     def __init__(self, max_bytes: int):
         if not isinstance(max_bytes, int) or max_bytes < 0:
