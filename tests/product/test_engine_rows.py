@@ -10,6 +10,7 @@ import torch
 
 from csm import Generator, Segment, batching
 from csm.engine import ClientTimeoutError, Engine, GenerationError, Request
+from csm.engine.runner import Runner
 from tests.product.conftest import speech_like
 from tests.product.engine_parts import alone, assert_same_audio, joined, tiny_mimi
 
@@ -150,15 +151,15 @@ def test_a_seed_gives_the_same_codes_beside_others_and_the_audio_within_float_ro
     request = Request("A longer line of words, after a voice.", 1, (VOICE,), 8 * 80, seed=5)
     neighbours = [Request(f"Line {i}.", i % 2, (), 6 * 80, seed=10 + i) for i in range(3)]
     frames: dict[int, list[torch.Tensor]] = {}
-    speak = Engine._speak
+    speak = Runner._speak
 
-    def speak_and_record(engine, made):
-        for active, frame in made:
-            if active.stream.request is request:
-                frames.setdefault(engine.max_batch, []).append(frame.clone())
-        speak(engine, made)
+    def speak_and_record(runner, made):
+        for running, frame in made:
+            if running.stream.request is request:
+                frames.setdefault(runner.scheduler.max_batch, []).append(frame.clone())
+        speak(runner, made)
 
-    monkeypatch.setattr(Engine, "_speak", speak_and_record)
+    monkeypatch.setattr(Runner, "_speak", speak_and_record)
     with Engine(Generator(model, codec, tokenizer), max_batch=1) as engine:
         lone = joined(engine.submit(request))
     with Engine(Generator(model, codec, tokenizer), max_batch=4) as engine:
