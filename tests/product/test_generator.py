@@ -80,6 +80,28 @@ def test_a_new_generation_invalidates_an_unfinished_stream(plain_generator):
         next(stream)
 
 
+def test_an_owner_claims_the_model_and_releases_it(plain_generator):
+    """`claim` lends the model to one owner (an engine): meanwhile the generator refuses to
+    generate and another owner cannot claim it; only that owner's `release` gives it back."""
+    owner, other = object(), object()
+    stream = plain_generator.generate_stream("Hello.", 0, [], max_audio_length_ms=240, seed=0)
+    next(stream)
+    plain_generator.claim(owner)
+    with pytest.raises(RuntimeError, match="another generation started"):
+        next(stream)
+    with pytest.raises(RuntimeError, match="owned by an Engine"):
+        plain_generator.generate("Hi.", 0, [], max_audio_length_ms=80)
+    with pytest.raises(RuntimeError, match="owned by an Engine"):
+        plain_generator.claim(other)
+    plain_generator.release(other)  # not its owner: nothing happens
+    with pytest.raises(RuntimeError, match="owned by an Engine"):
+        plain_generator.generate_batch(["Hi."], [0], [[]], max_audio_length_ms=80)
+    plain_generator.model.setup_caches(2)  # the owner's to set up
+    plain_generator.release(owner)
+    assert plain_generator.model.cache_rows == 1
+    assert plain_generator.generate("Hi.", 0, [], max_audio_length_ms=80, seed=0).numel() == FRAME
+
+
 def test_prompt_positions_follow_the_reference(plain_generator, mimi):
     tokenizer = plain_generator._tokenizer
     first_audio, second_audio = speech_like(0.2, seed=1), speech_like(0.1, seed=2)

@@ -72,7 +72,7 @@ class Admission:
     """
 
     def __init__(self, owner: object, place: Place, free: Callable[[Place], None]):
-        self.owner = owner  # the scheduler whose place it holds
+        self._owner = owner  # the scheduler whose place it holds
         self._place = place
         self._free = free
         weakref.finalize(self, free, place)

@@ -108,7 +108,7 @@ class Scheduler:
             self._check_open()
             if admission is None:
                 place = self._take_place()
-            elif admission.owner is not self:
+            elif admission._owner is not self:  # noqa: SLF001 -- the scheduler that made it
                 raise ValueError("this admission belongs to another engine")
             elif not admission.held:
                 raise RuntimeError("this admission was released: reserve another")
@@ -302,6 +302,7 @@ class Scheduler:
         return len(self.decoding) + len(self.prefilling)
 
     def admitted(self, stream: Stream, utterance: Utterance) -> None:
+        """A request started in `next_row`: its prompt is prefilled from the next turn on."""
         self.prefilling.append(Running(stream, utterance))
 
     def drop_cancelled(self) -> None:
