@@ -3,9 +3,15 @@ before anything loads (no Ray cluster is started here: building the application 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from ray.serve import Application
 
+import csm
 from csm.cluster import app
 from csm.cluster.application import engine_deployment, target_ongoing_requests
 from csm.cluster.options import ClusterOptions, parse_options
@@ -70,3 +76,16 @@ def test_the_builder_returns_the_application_with_its_admission_and_autoscaling(
     autoscaling = scaled["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 6)
     assert autoscaling["target_ongoing_requests"] == target_ongoing_requests(8) == 6
+
+
+def test_serve_run_refuses_a_bad_argument_before_starting_ray():
+    """Ray's own CLI (`serve`) passes the key=value arguments to the builder, whose message it shows."""
+    source = str(Path(csm.__file__).resolve().parents[1])
+    environment = {**os.environ, "PYTHONPATH": source, "RAY_USAGE_STATS_ENABLED": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", "csm.cluster:app", "modle=x"],
+        env=environment, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "ValueError: unknown argument(s) modle: csm.cluster:app takes model, mimi" in result.stderr + result.stdout
+    assert "Started a local Ray instance" not in result.stderr + result.stdout
