@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import ray
+from ray import serve
 
 import csm
+from csm.cluster import app
 from tests.product.conftest import assets  # noqa: F401
 from tests.server.conftest import free_port
 
@@ -70,11 +73,6 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(assets, tmp_path_factory):  # noqa: F811
-    ray = pytest.importorskip("ray", reason="the ray extra: pip install 'csm-torch[ray]'")
-    from ray import serve
-
-    from csm.cluster import app
-
     # Ray's workers import the csm of this checkout, from its absolute path.
     os.environ["PYTHONPATH"] = str(Path(csm.__file__).resolve().parents[1])
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
