@@ -36,6 +36,7 @@ def app(args: Mapping[str, object]) -> Application:
     board = serve.deployment(
         EngineBoard, name="EngineBoard", num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=INGRESS_MAX_ONGOING,
+        logging_config={"enable_access_log": False},  # every replica reports twice a second
     ).bind()  # fmt: skip
     engines = serve.deployment(SpeechEngine, name="SpeechEngine", **engine_deployment(options)).bind(options, board)
     ingress = serve.deployment(
