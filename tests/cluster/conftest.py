@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +72,6 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(assets, tmp_path_factory):  # noqa: F811
-    # Ray's workers import the csm of this checkout, from its absolute path.
-    os.environ["PYTHONPATH"] = str(Path(csm.__file__).resolve().parents[1])
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     voices_dir = tmp_path_factory.mktemp("cluster") / "voices"
     args = {
         "model": str(assets.model), "mimi": str(assets.mimi), "watermarker": str(assets.watermarker),
@@ -84,14 +79,19 @@ def cluster(assets, tmp_path_factory):  # noqa: F811
         "voices_dir": str(voices_dir), "num_replicas": str(REPLICAS), "max_batch": "2", "max_queue": str(WAITING),
         "replica_cpus": "0.25",
     }  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app(args), name=APP_NAME, route_prefix="/")
-        running = Cluster(port, args, voices_dir)
-        running.wait_for_replicas(REPLICAS)
-        yield running
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as environment:
+        # Ray's workers inherit these: the csm of this checkout (an absolute path), offline, no usage stats.
+        environment.setenv("PYTHONPATH", str(Path(csm.__file__).resolve().parents[1]))
+        environment.setenv("HF_HUB_OFFLINE", "1")
+        environment.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(app(args), name=APP_NAME, route_prefix="/")
+            running = Cluster(port, args, voices_dir)
+            running.wait_for_replicas(REPLICAS)
+            yield running
+        finally:
+            serve.shutdown()
+            ray.shutdown()
