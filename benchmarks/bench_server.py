@@ -40,6 +40,7 @@ from csm import Generator, Mimi
 from csm.engine import Engine, Request
 from csm.model import CSMConfig
 from csm.server.app import create_app
+from csm.server.backend import LocalBackend
 from csm.server.speech import SpeechService
 from csm.server.voices import Voices, VoiceStore
 from csm.text import load_tokenizer
@@ -65,7 +66,7 @@ class LoopbackServer:
 
     def __init__(self, service: SpeechService):
         self.port = free_port()
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(create_app(LocalBackend(service)), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

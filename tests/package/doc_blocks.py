@@ -22,6 +22,7 @@ REASONS = (
     "a running csm serve",
     "the network",
     "minutes to compile",  # torch.compile on a CPU
+    "a Ray cluster",  # Ray on several machines, Kubernetes or a GPU: csm.cluster's deployments
 )
 _MARKER = re.compile(r"#\s*needs\s+(.*?)\s*$")
 _FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")

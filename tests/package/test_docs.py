@@ -21,7 +21,7 @@ from tests.package.doc_blocks import CODE_LANGUAGES, REASONS, REPOSITORY, Block,
 PAGES = {path.name: path for path in pages()}
 README = REPOSITORY / "README.md"
 EXPECTED_PAGES = {
-    "index.md", "getting-started.md", "python.md", "cli.md", "server.md", "engine.md", "finetune.md",
+    "index.md", "getting-started.md", "python.md", "cli.md", "server.md", "cluster.md", "engine.md", "finetune.md",
     "quantization.md", "performance.md", "internals.md", "faq.md", "changelog.md",
 }  # fmt: skip
 

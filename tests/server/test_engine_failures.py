@@ -21,6 +21,7 @@ from csm import batching
 from csm.engine import Engine
 from csm.errors import GenerationError
 from csm.server.app import create_app
+from csm.server.backend import LocalBackend
 from csm.server.speech import SpeechService
 from csm.server.voices import Voices, VoiceStore
 from csm.watermark.stream import FRAME_SAMPLES
@@ -40,7 +41,7 @@ def live(generator, tmp_path, request):  # noqa: F811
     engine = Engine(generator, max_batch=2, max_queue=2, **getattr(request, "param", {}))
     service = SpeechService(engine, generator, Voices({}, VoiceStore(tmp_path / "voices")), None)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(LocalBackend(service)), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -1,9 +1,10 @@
 """The HTTP routes: OpenAI's speech, voices and models endpoints, health, metrics and the page.
 
-Thin: requests are checked here (pydantic, auth, size caps) and handed to the speech
-service; the engine knows nothing of HTTP. A client that goes away mid-response cancels
-its generation (Starlette stops the body, and `SpeechService.chunks` cancels the engine
-request it was reading).
+Thin: requests are checked here (pydantic, auth, size caps) and handed to a back end
+(`csm.server.backend`: the engine of this process for `csm serve`, Ray Serve engine replicas
+for `csm.cluster`); the engine knows nothing of HTTP. A client that goes away mid-response
+cancels its generation (Starlette stops the body, and closing the request's `Speech` cancels
+the engine request it was reading).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from csm.server.backend import Backend, Speech, frames
 from csm.server.encoding import MEDIA_TYPES, open_encoder, wav_header
 from csm.server.errors import APIError, envelope, from_validation, install_handlers
 from csm.server.metrics import Metrics
 from csm.server.protocol import DeletedVoice, Model, ModelList, SpeechRequest, VoiceList
-from csm.server.speech import Run, SpeechService
 from csm.server.uploads import body_parts, decode_audio, read_body
 from csm.server.voices import VoiceLimitError
 from csm.threads import to_fresh_thread
@@ -47,9 +48,9 @@ _FORM_OVERHEAD = 2**20
 _STATIC = resources.files("csm.server") / "static"
 
 
-def create_app(service: SpeechService, *, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+def create_app(backend: Backend, *, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     app = FastAPI(title="csm", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics(service.engine.stats)
+    metrics = Metrics()
     app.state.metrics = metrics
     install_handlers(app)
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -59,11 +60,8 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        failure = service.engine.failure
-        if failure is not None:
-            reason = f"the speech engine failed: {type(failure).__name__}: {failure}"
-            return JSONResponse({"status": "failed", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        status, body = await backend.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -73,7 +71,7 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
 
     @api.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(await backend.engine_stats()), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
     async def models() -> ModelList:
@@ -81,21 +79,21 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
 
     @api.get("/v1/audio/voices")
     async def list_voices() -> VoiceList:
-        return VoiceList(data=service.voices.listing())
+        return VoiceList(data=await asyncio.to_thread(backend.voices.listing))
 
     @api.post("/v1/audio/voices")
     async def create_voice(request: Request) -> JSONResponse:
         form = await _form(request, MAX_SAMPLE_BYTES + _FORM_OVERHEAD)
         try:
-            return await _create_voice(service, dict(form.multi_items()))
+            return await _create_voice(backend, dict(form.multi_items()))
         finally:
             await form.close()  # the sample's temporary file, whatever the answer
 
     @api.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(voice_id: str) -> DeletedVoice:
-        if voice_id in service.voices.builtin or voice_id in service.voices.openai:
+        if voice_id in backend.voices.builtin or voice_id in backend.voices.openai:
             raise APIError(400, f"{voice_id!r} is a built-in voice and cannot be deleted", param="voice_id")
-        if not await asyncio.to_thread(service.voices.store.delete, voice_id):
+        if not await asyncio.to_thread(backend.voices.store.delete, voice_id):
             raise APIError(404, f"no stored voice {voice_id!r}", param="voice_id", code="voice_not_found")
         return DeletedVoice(id=voice_id)
 
@@ -106,29 +104,33 @@ def create_app(service: SpeechService, *, api_key: str | None = None, cors_origi
             body = SpeechRequest.model_validate_json(await read_body(request, MAX_JSON_BYTES))
         except ValidationError as error:
             raise from_validation(error) from None
-        run = await service.start(await service.plan(body))
-        audio = _AudioBody(service, run, body.response_format, metrics, started)
+        speech = await backend.speak(body)
+        audio = _AudioBody(backend.sample_rate, speech, body.response_format, metrics, started)
         sse = body.stream_format == "sse"
+        headers = {"X-Csm-Replica": speech.replica} if speech.replica is not None else {}
         if not (sse or body.stream):
             try:
-                return await _unless_gone(request, audio.whole())
+                response = await _unless_gone(request, audio.whole())
             finally:
-                run.close()
+                speech.close()
+            response.headers.update(headers)
+            return response
         try:
             # Headers leave with the first audio: whatever fails before it is answered with its status.
             content = await _primed(request, audio.events() if sse else aiter(audio))
         except BaseException:
-            run.close()
+            speech.close()
             raise
         if sse:
-            return _Streamed(run, content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return _Streamed(run, content, media_type=MEDIA_TYPES[body.response_format])
+            headers["Cache-Control"] = "no-cache"
+            return _Streamed(speech, content, media_type="text/event-stream", headers=headers)
+        return _Streamed(speech, content, media_type=MEDIA_TYPES[body.response_format], headers=headers)
 
     app.include_router(api)
     return app
 
 
-async def _create_voice(service: SpeechService, fields: dict) -> JSONResponse:
+async def _create_voice(backend: Backend, fields: dict) -> JSONResponse:
     name = _text_field(fields, "name", 64)
     text = _text_field(fields, "text", 4096)
     _text_field(fields, "consent", 256)
@@ -138,13 +140,13 @@ async def _create_voice(service: SpeechService, fields: dict) -> JSONResponse:
     if sample.size is not None and sample.size > MAX_SAMPLE_BYTES:
         raise APIError(413, "audio_sample is larger than 10 MiB", param="audio_sample", code="file_too_large")
     try:
-        service.voices.store.check_room()  # before decoding; `add` checks again
+        backend.voices.store.check_room()  # before decoding; `add` checks again
         data = await sample.read()
         try:
             audio = await to_fresh_thread(decode_audio, data, "audio_sample", MAX_SAMPLE_SECONDS)
         except ValueError as error:
             raise APIError(400, str(error), param="audio_sample", code="invalid_audio") from None
-        voice = await to_fresh_thread(service.voices.store.add, name, text, audio)
+        voice = await to_fresh_thread(backend.voices.store.add, name, text, audio)
     except VoiceLimitError as error:
         raise APIError(400, str(error), code="too_many_voices") from None
     return JSONResponse(voice.listing().model_dump(), status_code=200)
@@ -153,8 +155,8 @@ async def _create_voice(service: SpeechService, fields: dict) -> JSONResponse:
 class _AudioBody:
     """One response's audio, encoded by one encoder: streamed bytes, SSE events, or whole."""
 
-    def __init__(self, service: SpeechService, run: Run, response_format: str, metrics: Metrics, started: float):
-        self.service, self.run = service, run
+    def __init__(self, sample_rate: int, speech: Speech, response_format: str, metrics: Metrics, started: float):
+        self.sample_rate, self.speech = sample_rate, speech
         self.format, self.metrics, self.started = response_format, metrics, started
         self.samples = 0  # sent, after speed
 
@@ -166,9 +168,9 @@ class _AudioBody:
                 yield data
 
     async def _encoded(self, response_format: str, end_cleanly: bool = False) -> AsyncIterator[bytes]:
-        encoder = open_encoder(response_format, self.service.sample_rate)
+        encoder = open_encoder(response_format, self.sample_rate)
         try:
-            async for piece in self.service.stream(self.run):
+            async for piece in self.speech.audio():
                 if self.samples == 0:
                     self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
                 self.samples += piece.numel()
@@ -179,7 +181,7 @@ class _AudioBody:
             log.warning("stream ended after %d samples: %s", self.samples, error.message)
         finally:
             # What the model made: speed changes what is sent, not the work done.
-            self.metrics.audio_seconds.inc(self.run.generated / self.service.sample_rate)
+            self.metrics.audio_seconds.inc(self.speech.generated / self.sample_rate)
         yield encoder.finish()
 
     async def events(self) -> AsyncIterator[str]:
@@ -195,12 +197,11 @@ class _AudioBody:
             log.warning("stream ended after %d samples: %s", self.samples, error.message)
             yield _event({"type": "speech.audio.error", **envelope(error.status, error.message, code=error.code)})
             return
-        text = self.service.input_tokens(self.run.plan)
-        frames = self.run.frames
+        text, made = self.speech.input_tokens(), frames(self.speech.generated)
         yield _event(
             {
                 "type": "speech.audio.done",
-                "usage": {"input_tokens": text, "output_tokens": frames, "total_tokens": text + frames},
+                "usage": {"input_tokens": text, "output_tokens": made, "total_tokens": text + made},
             }
         )
 
@@ -211,15 +212,15 @@ class _AudioBody:
         """
         parts = [data async for data in self._encoded("pcm" if self.format == "wav" else self.format)]
         if self.format == "wav":
-            parts.insert(0, wav_header(self.service.sample_rate, self.samples))
+            parts.insert(0, wav_header(self.sample_rate, self.samples))
         content = b"".join(parts)
-        seconds = self.samples / self.service.sample_rate
+        seconds = self.samples / self.sample_rate
         wall = time.perf_counter() - self.started
         headers = {
             "X-Audio-Duration": f"{seconds:.3f}",
             "X-Real-Time-Factor": f"{wall / seconds:.3f}" if seconds else "0",
         }
-        if self.run.truncated:
+        if self.speech.truncated:
             headers["X-Audio-Truncated"] = "max-request-seconds"
         return Response(content, media_type=MEDIA_TYPES[self.format], headers=headers)
 
@@ -241,18 +242,18 @@ async def _primed(request: Request, parts: AsyncIterator):
 
 
 class _Streamed(StreamingResponse):
-    """A streamed response that ends its engine run however it ends, even when the client
+    """A streamed response that ends its speech however it ends, even when the client
     leaves before the body starts (later sentence chunks cancel themselves)."""
 
-    def __init__(self, run: Run, content, **kwargs):
+    def __init__(self, speech: Speech, content, **kwargs):
         super().__init__(content, **kwargs)
-        self._run = run
+        self._speech = speech
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._run.close()
+            self._speech.close()
 
 
 def _event(payload: dict) -> str:

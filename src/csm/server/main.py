@@ -18,13 +18,12 @@ import torch
 import uvicorn
 
 from csm.engine import Engine
-from csm.errors import CSMError
 from csm.generator import load_csm_1b
 from csm.server.app import create_app
+from csm.server.backend import LocalBackend
 from csm.server.speech import SpeechService
-from csm.server.voices import OPENAI_VOICES, Voices, VoiceStore
+from csm.server.voices import OPENAI_VOICES, Voices, VoiceStore, builtin_voices
 from csm.threads import make_this_thread_serial, run_in_fresh_thread
-from csm.voices import VOICE_TRANSCRIPTS, load_voice
 
 log = logging.getLogger("csm.server")
 
@@ -75,7 +74,7 @@ def serve(options: ServeOptions) -> None:
         compile=options.compile,
         adapter=options.adapter,
     )
-    builtin = run_in_fresh_thread(_builtin_voices, options.model)  # as loading: see csm.threads
+    builtin = run_in_fresh_thread(builtin_voices, options.model)  # as loading: see csm.threads
     voices = Voices(builtin, VoiceStore(options.voices_dir, options.max_voices))
     log.info(
         "loaded CSM %s (%s%s%s) on %s, Mimi %s, in %.1f s",
@@ -100,7 +99,7 @@ def serve(options: ServeOptions) -> None:
     with engine:
         mark = generator.watermark if options.watermark else None
         service = SpeechService(engine, generator, voices, mark, options.max_request_seconds)
-        app = create_app(service, api_key=options.api_key, cors_origins=options.cors_origins)
+        app = create_app(LocalBackend(service), api_key=options.api_key, cors_origins=options.cors_origins)
         log.info(
             "engine: %d slots, queue of %d; at most %g s of audio a request; readers %g s behind are cut off; "
             "serving on http://%s:%d/",
@@ -136,17 +135,6 @@ def _limit_malloc_arenas(arenas: int) -> None:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's (musl's ignores it; others lack it)
     if mallopt is not None:
         mallopt(-8, arenas)  # M_ARENA_MAX in glibc's malloc.h
-
-
-def _builtin_voices(model: str) -> dict:
-    """The model folder's prompt voices that can be read (none is fine: OpenAI names fall back)."""
-    voices = {}
-    for name in VOICE_TRANSCRIPTS:
-        try:
-            voices[name] = load_voice(name, speaker=0, model=model)
-        except (CSMError, ValueError, OSError) as error:
-            log.info("built-in voice %s unavailable: %s", name, error)
-    return voices
 
 
 def _host(host: str) -> str:

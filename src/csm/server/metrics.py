@@ -1,17 +1,15 @@
-"""Prometheus metrics: requests by status, the engine's state, time to first audio, audio served."""
+"""Prometheus metrics: requests by status, the engines' state, time to first audio, audio served."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 
 class Metrics:
-    """One registry per app; `engine_stats` is read at each scrape."""
+    """One registry per app for what the routes count; the engines' figures are read at each scrape."""
 
-    def __init__(self, engine_stats: Callable[[], dict]):
+    def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "csm_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
@@ -23,21 +21,31 @@ class Metrics:
             registry=self.registry,
         )
         self.audio_seconds = Counter("csm_audio_seconds", "Seconds of audio sent", registry=self.registry)
-        self.registry.register(_EngineCollector(engine_stats))
+
+    def render(self, engines: list[tuple[dict[str, str], dict]]) -> bytes:
+        """Prometheus text: the counters, then every engine's `stats()` (labelled per engine)."""
+        figures = CollectorRegistry()
+        figures.register(_EngineCollector(engines))
+        return generate_latest(self.registry) + generate_latest(figures)
 
 
 class _EngineCollector:
-    """Every number in the engine's `stats()` as a gauge `csm_engine_<name>` (queue length, active slots, frames/s, ...)."""
+    """Every number in the engines' `stats()` as a gauge `csm_engine_<name>` (queue length, active slots, frames/s, ...)."""
 
-    def __init__(self, engine_stats: Callable[[], dict]):
-        self._stats = engine_stats
+    def __init__(self, engines: list[tuple[dict[str, str], dict]]):
+        self._engines = engines
 
     def collect(self):
-        for name, value in self._stats().items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                gauge = GaugeMetricFamily(f"csm_engine_{name}", f"engine stats()['{name}']")
-                gauge.add_metric([], float(value))
-                yield gauge
+        gauges: dict[str, GaugeMetricFamily] = {}
+        for labels, stats in self._engines:
+            for name, value in stats.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if name not in gauges:
+                        gauges[name] = GaugeMetricFamily(
+                            f"csm_engine_{name}", f"engine stats()['{name}']", labels=sorted(labels)
+                        )
+                    gauges[name].add_metric([labels[key] for key in sorted(labels)], float(value))
+        yield from gauges.values()
 
     def describe(self):
         return []

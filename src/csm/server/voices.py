@@ -8,7 +8,9 @@ whole voice or a temporary folder that the next start removes. Only the metadata
 voices stays in memory (listing reads nothing else); their audio is read when a request
 names them and kept in a small LRU cache, so memory does not grow with the number stored.
 Ids are generated here and checked against their pattern before any path is built, so no
-name or id reaches outside the folder.
+name or id reaches outside the folder. The folder may be shared by several processes (the
+replicas of `csm.cluster`, on one machine or on shared storage): a voice another process wrote
+is found when a request names it or the voices are listed, and one it deleted is forgotten.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from pathlib import Path
 import soundfile
 import torch
 
+from csm.errors import CSMError
 from csm.generator import Segment
 from csm.server.errors import APIError
 from csm.server.protocol import Voice
+from csm.voices import VOICE_TRANSCRIPTS, load_voice
 
 log = logging.getLogger("csm.server")
 
@@ -111,14 +115,30 @@ class VoiceStore:
             return len(self._audio)
 
     def list(self) -> list[StoredVoice]:
+        """Every voice in the folder, including those other processes added (blocking: reads the folder)."""
+        on_disk = {entry.name for entry in self.folder.iterdir() if _STORED_ID.fullmatch(entry.name)}
         with self._lock:
+            for voice_id in set(self._voices) - on_disk:
+                self._forget(voice_id)
+            for voice_id in sorted(on_disk - set(self._voices)):
+                self._load(self.folder / voice_id)
             return sorted(self._voices.values(), key=lambda voice: (voice.created_at, voice.id))
 
     def get(self, voice_id: str) -> StoredVoice | None:
+        """The voice if its folder is there (blocking: looks at the folder, which others may change)."""
         if not _STORED_ID.fullmatch(voice_id):
             return None
+        on_disk = (self.folder / voice_id).is_dir()
         with self._lock:
+            if not on_disk:
+                self._forget(voice_id)  # deleted by another process
+            elif voice_id not in self._voices:
+                self._load(self.folder / voice_id)  # added by another process
             return self._voices.get(voice_id)
+
+    def _forget(self, voice_id: str) -> None:
+        self._voices.pop(voice_id, None)
+        self._audio.pop(voice_id, None)
 
     def audio(self, voice: StoredVoice) -> torch.Tensor:
         """The voice's audio: from the cache, or read from disk (blocking: call it off the event loop)."""
@@ -178,12 +198,15 @@ class VoiceStore:
     def delete(self, voice_id: str) -> bool:
         if not _STORED_ID.fullmatch(voice_id):
             return False
+        if self.get(voice_id) is None:
+            return False
         doomed = self.folder / f"{_DELETED}{voice_id}"
         with self._lock:
-            if self._voices.pop(voice_id, None) is None:
-                return False
-            self._audio.pop(voice_id, None)
-            os.rename(self.folder / voice_id, doomed)
+            self._forget(voice_id)
+            try:
+                os.rename(self.folder / voice_id, doomed)
+            except FileNotFoundError:
+                return False  # deleted by another process meanwhile
         shutil.rmtree(doomed, ignore_errors=True)
         return True
 
@@ -241,3 +264,14 @@ class Voices:
             for name in OPENAI_VOICES
         ]
         return voices + [voice.listing() for voice in self.store.list()]
+
+
+def builtin_voices(model: str) -> dict[str, Segment]:
+    """The model folder's prompt voices that can be read (none is fine: OpenAI names fall back)."""
+    voices = {}
+    for name in VOICE_TRANSCRIPTS:
+        try:
+            voices[name] = load_voice(name, speaker=0, model=model)
+        except (CSMError, ValueError, OSError) as error:
+            log.info("built-in voice %s unavailable: %s", name, error)
+    return voices
