@@ -194,8 +194,9 @@ def test_metrics_hold_each_replicas_engine_figures(cluster):
 
 
 def test_a_killed_replica_is_replaced_and_its_stream_ends_with_an_error(cluster, tmp_path):
-    """SIGKILL the replica a stream comes from: the stream ends with speech.audio.error (not a
-    hang), later requests succeed, stored voices still work, and Serve brings the count back."""
+    """SIGKILL the replica two streams come from: the SSE one ends with speech.audio.error and
+    the raw one is cut (not a hang, not a body that looks whole), later requests succeed, stored
+    voices still work, and Serve brings the count back."""
     sample = tmp_path / "bo.wav"
     soundfile.write(sample, speech_like(0.3, seed=10).numpy(), 24_000)
     with open(sample, "rb") as audio_sample:
@@ -203,14 +204,19 @@ def test_a_killed_replica_is_replaced_and_its_stream_ends_with_an_error(cluster,
             name="Bo", audio_sample=audio_sample, consent="cons_bo", extra_body={"text": "What Bo says."}
         )
     connection, response = _open_stream(cluster, {**SPEECH, "voice": "alloy", **LONG, "stream_format": "sse"})
+    raw_connection, raw = _open_stream(cluster, {**SPEECH, "voice": "alloy", **LONG})  # same voice, same replica
     try:
-        assert response.status == 200
+        assert response.status == raw.status == 200
         victim = response.getheader("x-csm-replica")
+        assert raw.getheader("x-csm-replica") == victim
         pid = next(replica["pid"] for replica in cluster.health()[1]["replicas"] if replica["id"] == victim)
         os.kill(pid, signal.SIGKILL)
         events = [json.loads(line.removeprefix("data: ")) for line in response.read().decode().split("\n\n") if line]
+        with pytest.raises(http.client.IncompleteRead):  # raw audio: the body is cut, never ended as if whole
+            raw.read()
     finally:
         connection.close()
+        raw_connection.close()
     assert events[-1]["type"] == "speech.audio.error"
     assert events[-1]["error"]["code"] == "replica_lost" and victim in events[-1]["error"]["message"]
     for seed in (1, 2, 3):  # the survivor serves at once

@@ -123,8 +123,8 @@ def create_app(backend: Backend, *, api_key: str | None = None, cors_origins: tu
             raise
         if sse:
             headers["Cache-Control"] = "no-cache"
-            return _Streamed(speech, content, media_type="text/event-stream", headers=headers)
-        return _Streamed(speech, content, media_type=MEDIA_TYPES[body.response_format], headers=headers)
+            return _Streamed(speech, content, audio, media_type="text/event-stream", headers=headers)
+        return _Streamed(speech, content, audio, media_type=MEDIA_TYPES[body.response_format], headers=headers)
 
     app.include_router(api)
     return app
@@ -159,15 +159,23 @@ class _AudioBody:
         self.sample_rate, self.speech = sample_rate, speech
         self.format, self.metrics, self.started = response_format, metrics, started
         self.samples = 0  # sent, after speed
+        self.broken = False  # failed after audio was sent: the body must not look complete
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        """The encoded stream; an error after the first bytes ends it cleanly (logged), as
-        raw audio has no way to say more."""
-        async for data in self._encoded(self.format, end_cleanly=True):
-            if data:
-                yield data
+        """The encoded stream. Raw audio cannot carry an error, so one after the first bytes
+        (logged) sets `broken`, and `_Streamed` leaves the body unfinished: the client sees a
+        cut response (HTTP/1.1: no last chunk), never a shorter file that looks whole."""
+        try:
+            async for data in self._encoded(self.format):
+                if data:
+                    yield data
+        except APIError as error:
+            if not self.samples:
+                raise
+            log.warning("stream cut after %d samples: %s", self.samples, error.message)
+            self.broken = True
 
-    async def _encoded(self, response_format: str, end_cleanly: bool = False) -> AsyncIterator[bytes]:
+    async def _encoded(self, response_format: str) -> AsyncIterator[bytes]:
         encoder = open_encoder(response_format, self.sample_rate)
         try:
             async for piece in self.speech.audio():
@@ -175,10 +183,6 @@ class _AudioBody:
                     self.metrics.time_to_first_audio.observe(time.perf_counter() - self.started)
                 self.samples += piece.numel()
                 yield encoder.encode(piece)
-        except APIError as error:
-            if not (end_cleanly and self.samples):
-                raise
-            log.warning("stream ended after %d samples: %s", self.samples, error.message)
         finally:
             # What the model made: speed changes what is sent, not the work done.
             self.metrics.audio_seconds.inc(self.speech.generated / self.sample_rate)
@@ -243,15 +247,21 @@ async def _primed(request: Request, parts: AsyncIterator):
 
 class _Streamed(StreamingResponse):
     """A streamed response that ends its speech however it ends, even when the client
-    leaves before the body starts (later sentence chunks cancel themselves)."""
+    leaves before the body starts (later sentence chunks cancel themselves), and that never
+    finishes the body of a stream that broke (`_AudioBody.broken`)."""
 
-    def __init__(self, speech: Speech, content, **kwargs):
+    def __init__(self, speech: Speech, content, audio: _AudioBody, **kwargs):
         super().__init__(content, **kwargs)
-        self._speech = speech
+        self._speech, self._audio = speech, audio
 
     async def __call__(self, scope, receive, send) -> None:
+        async def send_unless_broken(message) -> None:
+            ends_body = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if not (ends_body and self._audio.broken):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_unless_broken)
         finally:
             self._speech.close()
 
