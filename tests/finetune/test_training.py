@@ -12,8 +12,8 @@ from csm.errors import CheckpointError
 from csm.finetune import train
 from csm.finetune.codes import CodeCache
 from csm.generator import Generator
+from csm.loading import load_for_generation
 from csm.mimi import Mimi
-from csm.model import CSM
 from csm.text import audio_frames, load_tokenizer, text_frames
 from tests.finetune.conftest import TEXTS, sources
 
@@ -38,7 +38,7 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
     assert log[-1]["loss"] < 0.1 * log[0]["loss"]
     assert all(key in log[0] for key in ("backbone_loss", "decoder_loss", "lr", "tokens_per_second", "memory_mb"))
 
-    model = CSM.from_pretrained(assets.model, adapter=output)
+    model = load_for_generation(assets.model, adapter=output)
     tokenizer = load_tokenizer(model_source=assets.model)
     codes = CodeCache(Mimi.from_pretrained(assets.mimi), assets.codes).codes(assets.clips / "clip1.wav")
     # The second conversation: clip1 said by speaker 0, no context.
@@ -133,7 +133,7 @@ def test_cli_data_errors_are_one_line(assets, tmp_path, capsys):
 def test_generator_samples_leave_the_model_cache_free(assets, tmp_path):
     from csm.finetune.evaluate import inference_caches
 
-    model = CSM.from_pretrained(assets.model)
+    model = load_for_generation(assets.model)
     with inference_caches(model):
         Generator(model, Mimi.from_pretrained(assets.mimi), load_tokenizer(model_source=assets.model))
         assert model.cache_rows == 1
@@ -143,7 +143,7 @@ def test_generator_samples_leave_the_model_cache_free(assets, tmp_path):
 def test_a_quantized_model_is_refused_with_what_to_do(assets, tmp_path, capsys):
     """Quantized (QLoRA-style) training is not supported: a `csm quantize` folder as the base
     model fails in one line that says what to do."""
-    from csm.checkpoints import load_csm
+    from csm.loading import load_csm
     from csm.quantized_checkpoint import save_quantized
 
     quantized = save_quantized(load_csm(assets.model), tmp_path / "int8", "int8", source=assets.model)

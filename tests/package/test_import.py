@@ -36,7 +36,7 @@ def test_import_csm_loads_neither_training_nor_server():
 
 
 def test_csm_finetune_is_callable_and_loaded_on_first_use():
-    ours, _ = _imported_after("import csm; assert callable(csm.finetune); import csm.finetune.adapters")
+    ours, _ = _imported_after("import csm; assert callable(csm.finetune); import csm.adapters")
     assert "csm.finetune" in ours and "csm.finetune.train" not in ours  # adapters need no training loop
     # Importing a submodule first binds `csm.finetune` to the package; it must still be the callable.
     _imported_after("import csm.finetune.options, csm; assert callable(csm.finetune); csm.finetune.FinetuneOptions")

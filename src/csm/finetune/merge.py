@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import save_file
 
 from csm import hub
-from csm.checkpoints import WEIGHT_FILES, load_csm
+from csm.checkpoints import WEIGHT_FILES
+from csm.layouts import CODEC_PREFIX, to_transformers_layout
 from csm.llama import LlamaConfig
-from csm.model import CSM, CSMConfig
+from csm.loading import load_csm
+from csm.model import CSMConfig
 from csm.weights import read_checkpoint, shard_finder
 
 LAYOUTS = ("original", "transformers")
-_CODEC_PREFIX = "codec_model."
 
 
 def merge(
@@ -39,49 +40,13 @@ def merge(
         )
         (output / "config.json").write_text(json.dumps(merged.config.to_dict()))
     else:
-        tensors = transformers_tensors(merged)
+        tensors = to_transformers_layout(merged.state_dict(), merged.config)
         tensors.update(_codec_tensors(model, codec))
         save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
         (output / "config.json").write_text(
             json.dumps(transformers_config(merged.config, _codec_config(model, codec)), indent=2)
         )
     return output / "model.safetensors"
-
-
-def transformers_tensors(model: CSM) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' names, q/k rows in rotate-half order."""
-    from csm.finetune.adapters import qk_heads, rotate_half_rows, transformers_module_name
-
-    top = {
-        "text_embeddings.weight": "embed_text_tokens.weight",
-        "audio_embeddings.weight": "backbone_model.embed_tokens.embed_audio_tokens.weight",
-        "audio_head": "depth_decoder.codebooks_head.weight",
-        "backbone.norm.scale": "backbone_model.norm.weight",
-        "decoder.norm.scale": "depth_decoder.model.norm.weight",
-    }
-    norms = {"sa_norm.scale": "input_layernorm.weight", "mlp_norm.scale": "post_attention_layernorm.weight"}
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.contiguous()
-        if name in top:
-            tensors[top[name]] = tensor
-            continue
-        module, _, kind = name.rpartition(".")
-        stack, _, rest = name.partition(".layers.")
-        index, _, part = rest.partition(".")
-        if part in norms:
-            prefix = "backbone_model" if stack == "backbone" else "depth_decoder.model"
-            tensors[f"{prefix}.layers.{index}.{norms[part]}"] = tensor
-            continue
-        heads = qk_heads(model.config, module)
-        tensors[f"{transformers_module_name(module)}.{kind}"] = (
-            tensor if heads is None else rotate_half_rows(tensor, heads).contiguous()
-        )
-    # transformers keeps the tied copy too; safetensors wants it in its own storage.
-    tensors["depth_decoder.model.embed_tokens.weight"] = tensors[
-        "backbone_model.embed_tokens.embed_audio_tokens.weight"
-    ].clone()
-    return tensors
 
 
 def transformers_config(config: CSMConfig, codec_config: dict) -> dict:
@@ -138,7 +103,7 @@ def _llama_fields(llama: LlamaConfig, max_positions: int) -> dict:
 
 def _model_stored(model: hub.Source):
     path = hub.resolve_file(model, WEIGHT_FILES)
-    return path, read_checkpoint(path, shard_finder(model, None), prefix=_CODEC_PREFIX)
+    return path, read_checkpoint(path, shard_finder(model, None), prefix=CODEC_PREFIX)
 
 
 def _codec_tensors(model: hub.Source, codec: hub.Source) -> dict[str, torch.Tensor]:
@@ -146,7 +111,7 @@ def _codec_tensors(model: hub.Source, codec: hub.Source) -> dict[str, torch.Tens
     if bundled:
         return {name: tensor.read() for name, tensor in bundled.items()}
     path = hub.resolve_file(codec, ["model.safetensors"])
-    return {f"{_CODEC_PREFIX}{name}": tensor.read() for name, tensor in read_checkpoint(path).items()}
+    return {f"{CODEC_PREFIX}{name}": tensor.read() for name, tensor in read_checkpoint(path).items()}
 
 
 def _codec_config(model: hub.Source, codec: hub.Source) -> dict:

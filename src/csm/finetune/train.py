@@ -23,18 +23,18 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from csm.checkpoints import load_csm
+from csm.adapters import save_adapter
 from csm.devices import default_device, parse_device, parse_dtype
-from csm.finetune.adapters import save_adapter
 from csm.finetune.batches import Batch, bucket, collate
 from csm.finetune.codes import CodeCache
 from csm.finetune.dataset import Prepared, prepare, split_off
 from csm.finetune.evaluate import EvalResult, eval_loss, inference_caches, write_samples
-from csm.finetune.lora import add_lora
+from csm.finetune.lora import add_lora, lora_weights
 from csm.finetune.loss import loss_terms, token_counts
 from csm.finetune.options import FinetuneOptions
 from csm.finetune.resume import Position, load_checkpoint, save_checkpoint
 from csm.generator import Generator
+from csm.loading import load_csm
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import load_tokenizer
@@ -292,4 +292,7 @@ def _save_result(options: FinetuneOptions, model: CSM, tokenizer, output: Path) 
         (output / "config.json").write_text(json.dumps(model.config.to_dict()))
         tokenizer.save(str(output / "tokenizer.json"))
     else:
-        save_adapter(model, output, rank=options.lora_rank, alpha=options.alpha, base_model=options.model)
+        adapter = lora_weights(model)
+        save_adapter(
+            adapter, model.config, output, rank=options.lora_rank, alpha=options.alpha, base_model=options.model
+        )
