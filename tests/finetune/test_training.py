@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 import csm
 from csm.cli import main
 from csm.errors import CheckpointError
-from csm.finetune import train
-from csm.finetune.codes import CodeCache
+from csm.finetune import trainer
+from csm.finetune.codes import AudioFileCodeCache
 from csm.generator import Generator
 from csm.loading import load_for_generation
 from csm.mimi import Mimi
@@ -23,7 +23,7 @@ def read_log(folder):
 
 
 def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_path):
-    output = csm.finetune(
+    output = csm.finetune.train(
         assets.manifest,
         tmp_path / "out",
         **sources(assets),
@@ -40,7 +40,7 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
 
     model = load_for_generation(assets.model, adapter=output)
     tokenizer = load_tokenizer(model_source=assets.model)
-    codes = CodeCache(Mimi.from_pretrained(assets.mimi), assets.codes).codes(assets.clips / "clip1.wav")
+    codes = AudioFileCodeCache(Mimi.from_pretrained(assets.mimi), assets.codes).codes(assets.clips / "clip1.wav")
     # The second conversation: clip1 said by speaker 0, no context.
     tokens, mask = text_frames(tokenizer, TEXTS[1], 0)
     model.setup_caches(1)
@@ -55,14 +55,14 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
 
 
 def interrupt_at(monkeypatch, step):
-    original = train._Trainer._step
+    original = trainer._Trainer._step
 
-    def step_or_interrupt(trainer):
-        if trainer.position.step == step:
+    def step_or_interrupt(running):
+        if running.position.step == step:
             raise KeyboardInterrupt
-        return original(trainer)
+        return original(running)
 
-    monkeypatch.setattr(train._Trainer, "_step", step_or_interrupt)
+    monkeypatch.setattr(trainer._Trainer, "_step", step_or_interrupt)
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, monkeypatch):
@@ -76,13 +76,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, mo
         "warmup": 2,
         "weight_decay": 0.01,
     }
-    straight = csm.finetune(assets.manifest, tmp_path / "straight", **options)
+    straight = csm.finetune.train(assets.manifest, tmp_path / "straight", **options)
 
     interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        csm.finetune(assets.manifest, tmp_path / "resumed", **options)
+        csm.finetune.train(assets.manifest, tmp_path / "resumed", **options)
     monkeypatch.undo()
-    resumed = csm.finetune(assets.manifest, tmp_path / "resumed", **options, resume=tmp_path / "resumed" / "checkpoint")
+    resumed = csm.finetune.train(
+        assets.manifest, tmp_path / "resumed", **options, resume=tmp_path / "resumed" / "checkpoint"
+    )
 
     expected, got = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
@@ -90,8 +92,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, mo
     assert [record["loss"] for record in read_log(resumed)] == [record["loss"] for record in read_log(straight)]
 
     with pytest.raises(CheckpointError, match="other settings of batch_frames, seed"):
-        csm.finetune(assets.manifest, tmp_path / "other", **{**options, "batch_frames": 40, "seed": 1},
-                     resume=resumed / "checkpoint")  # fmt: skip
+        csm.finetune.train(assets.manifest, tmp_path / "other", **{**options, "batch_frames": 40, "seed": 1},
+                           resume=resumed / "checkpoint")  # fmt: skip
 
 
 def cli_sources(assets) -> list[str]:
