@@ -79,9 +79,9 @@ def run_transformers(folder: Path, seconds: float) -> float:
     from transformers.initialization import no_init_weights
 
     from csm.finetune.batches import collate
-    from csm.finetune.merge import transformers_config
     from csm.layouts import to_transformers_layout
     from csm.loading import load_csm
+    from csm.transformers_config import transformers_config
 
     fields = transformers_config(CSMConfig(), {})
     fields.pop("codec_config")  # transformers' default Mimi; the codec is not run here

@@ -27,10 +27,10 @@ from csm import hub
 from csm.adapters import load_adapter, merged
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.layouts import detect_layout, from_transformers_layout
-from csm.llama import FLAVORS, LlamaConfig
 from csm.model import CSM, CSMConfig
 from csm.quantize import FORMATS as QUANTIZED_FORMATS
 from csm.quantize import INT4_GROUP_SIZE
+from csm.transformers_config import config_from_transformers
 from csm.weights import StoredTensor, check_keys_and_shapes, read_checkpoint, shard_finder
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "ckpt.pt")
@@ -144,65 +144,3 @@ def _quantization(fields: dict[str, Any], weights_path: Path) -> str | None:
             f"this version of csm reads groups of {INT4_GROUP_SIZE}"
         )
     return quantization["format"]
-
-
-def config_from_transformers(fields: dict[str, Any]) -> CSMConfig:
-    """CSMConfig from a transformers `CsmConfig` json (its flavors named when they are known ones)."""
-    try:
-        backbone = _llama_from_transformers(fields, max_seq_len=fields["max_position_embeddings"])
-        # The depth decoder only sees one frame's positions; keep the original flavor's value.
-        decoder = _llama_from_transformers(fields["depth_decoder_config"], max_seq_len=LlamaConfig.max_seq_len)
-        return CSMConfig(
-            audio_num_codebooks=fields["num_codebooks"],
-            audio_vocab_size=fields["vocab_size"],
-            backbone_flavor=_name_if_known(backbone),
-            decoder_flavor=_name_if_known(decoder),
-            text_vocab_size=fields["text_vocab_size"],
-        )
-    except KeyError as error:
-        raise CheckpointError(f"transformers config.json lacks the field {error}") from None
-
-
-def _llama_from_transformers(fields: dict[str, Any], *, max_seq_len: int) -> LlamaConfig:
-    heads = fields["num_attention_heads"]
-    rope = _rope_from_transformers(fields)
-    return LlamaConfig(
-        num_layers=fields["num_hidden_layers"],
-        dim=fields["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=fields.get("num_key_value_heads") or heads,
-        head_dim=fields.get("head_dim") or fields["hidden_size"] // heads,
-        ffn_dim=fields["intermediate_size"],
-        max_seq_len=max_seq_len,
-        norm_eps=fields.get("rms_norm_eps", 1e-5),
-        **rope,
-    )
-
-
-def _rope_from_transformers(fields: dict[str, Any]) -> dict[str, Any]:
-    """Llama-3 RoPE scaling from transformers' parametrisation to the original one.
-
-    transformers bounds the scaled band by wavelengths original_max / low and original_max /
-    high; the original uses old_context / low' and old_context / high'. With low' = 1 both
-    give the same frequencies: old_context = original_max / low, high' = high / low.
-    """
-    # transformers >= 5 nests everything in rope_parameters; 4.x has rope_theta + rope_scaling.
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
-    base = rope.get("rope_theta", fields.get("rope_theta", 500_000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        return {"rope_base": base, "rope_scale_factor": 1.0}
-    if kind != "llama3":
-        raise CheckpointError(f"unsupported RoPE type {kind!r} in config.json (CSM uses llama3)")
-    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
-    return {
-        "rope_base": base,
-        "rope_scale_factor": rope["factor"],
-        "rope_low_freq_factor": 1.0,
-        "rope_high_freq_factor": high / low,
-        "rope_old_context_len": round(rope["original_max_position_embeddings"] / low),
-    }
-
-
-def _name_if_known(config: LlamaConfig) -> str | LlamaConfig:
-    return next((name for name, known in FLAVORS.items() if known == config), config)

@@ -62,7 +62,10 @@ def prepare(
     quantized: Callable[[str], QuantizedWeight] | None = None,
     kernels: KernelTable | None = None,
 ) -> CSM:
-    """Fuse (and with `quantize`, quantize) the linears of `model` in place; returns it.
+    """Swap the layers of `model` for their inference form in place; returns it.
+
+    Each `Attention` becomes a `FusedAttention` and each `MLP` a `FusedMLP` (`csm.llama`),
+    whose products are fused (and with `quantize`, quantized) linears; so does the projection.
 
     `quantized` reads the already quantized weight of a linear by its published name (from a
     quantized checkpoint, one layer at a time); the linears of `model` may then be on the

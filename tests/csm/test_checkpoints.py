@@ -7,11 +7,11 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
-from csm.checkpoints import config_from_transformers
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.llama import FLAVORS
 from csm.loading import load_csm, load_for_generation
 from csm.model import CSM, CSMConfig
+from csm.transformers_config import config_from_transformers
 from tests.factories.csm import random_state_dict, tiny_config, transformers_config, write_csm_checkpoint
 from tests.factories.hub import populate_hub_cache
 

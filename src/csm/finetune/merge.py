@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 from csm import hub
 from csm.checkpoints import WEIGHT_FILES
 from csm.layouts import CODEC_PREFIX, to_transformers_layout
-from csm.llama import LlamaConfig
 from csm.loading import load_csm
-from csm.model import CSMConfig
+from csm.transformers_config import transformers_config
 from csm.weights import read_checkpoint, shard_finder
 
 LAYOUTS = ("original", "transformers")
@@ -47,58 +46,6 @@ def merge(
             json.dumps(transformers_config(merged.config, _codec_config(model, codec)), indent=2)
         )
     return output / "model.safetensors"
-
-
-def transformers_config(config: CSMConfig, codec_config: dict) -> dict:
-    """A transformers CsmConfig as JSON, equivalent to `config`."""
-    backbone, decoder = config.backbone, config.decoder
-    return {
-        "model_type": "csm",
-        "architectures": ["CsmForConditionalGeneration"],
-        "num_codebooks": config.audio_num_codebooks,
-        "vocab_size": config.audio_vocab_size,
-        "text_vocab_size": config.text_vocab_size,
-        "max_position_embeddings": backbone.max_seq_len,
-        "codebook_eos_token_id": 0,
-        "codebook_pad_token_id": config.audio_vocab_size - 1,
-        "tie_codebooks_embeddings": True,
-        "codec_config": codec_config,
-        "depth_decoder_config": {
-            "model_type": "csm_depth_decoder_model",
-            "num_codebooks": config.audio_num_codebooks,
-            "backbone_hidden_size": backbone.dim,
-            "vocab_size": config.audio_vocab_size,
-            "max_position_embeddings": config.audio_num_codebooks + 1,
-            **_llama_fields(decoder, config.audio_num_codebooks + 1),
-        },
-        **_llama_fields(backbone, backbone.max_seq_len),
-    }
-
-
-def _llama_fields(llama: LlamaConfig, max_positions: int) -> dict:
-    # transformers bounds the scaled band by original_max / low and original_max / high; with
-    # original_max = max_positions // 2 these are the original's old_context / low, / high.
-    original_max = max_positions // 2
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": llama.rope_base,
-        "factor": llama.rope_scale_factor,
-        "low_freq_factor": original_max * llama.rope_low_freq_factor / llama.rope_old_context_len,
-        "high_freq_factor": original_max * llama.rope_high_freq_factor / llama.rope_old_context_len,
-        "original_max_position_embeddings": original_max,
-    }
-    return {
-        "hidden_size": llama.dim,
-        "intermediate_size": llama.ffn_dim,
-        "num_hidden_layers": llama.num_layers,
-        "num_attention_heads": llama.num_heads,
-        "num_key_value_heads": llama.num_kv_heads,
-        "head_dim": llama.head_dim,
-        "rms_norm_eps": llama.norm_eps,
-        "rope_parameters": rope,
-        "rope_theta": llama.rope_base,
-        "rope_scaling": rope,
-    }
 
 
 def _model_stored(model: hub.Source):
