@@ -2,9 +2,13 @@
 
 A cycle hidden in a function body is still a knot: the two modules cannot be read, tested or
 moved apart. The graph is read from the source with `ast`: every `import csm.x`, `from csm.x
-import y` (y a submodule of csm.x or a name in it) and relative import, at module level or in
-any function, is an edge from the importing module to the imported one. A package's
-`__init__` counts as the package.
+import y` and relative import, at module level or in any function, is an edge from the
+importing module to the module it needs (see `_imported`). A package's `__init__` counts as the
+package. Python loads a package before its submodules, but that implicit step is no edge: a
+package whose `__init__` re-exports its submodules' names is no knot, while a submodule that
+reads a name its package's `__init__` defines is one.
+
+The networks are also checked to import no loading or policy code.
 """
 
 from __future__ import annotations
