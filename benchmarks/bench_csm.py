@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import csm.quantized_checkpoint  # noqa: F401 - imported up front so that its import is not counted as loading memory
-from csm.checkpoints import load_csm
+from csm.loading import load_csm, load_for_generation
 from csm.model import CSM, CSMConfig
 from csm.quantized_checkpoint import save_quantized
 
@@ -86,7 +86,7 @@ def _current_rss_bytes() -> int:
 
 
 def load_in_fresh_process(directory: Path, dtype: str, quantize: str) -> dict:
-    """Load time and memory of `CSM.from_pretrained` in a process of its own."""
+    """Load time and memory of `csm.loading.load_for_generation` in a process of its own."""
     output = subprocess.run(
         [sys.executable, __file__, "--measure-load", str(directory), dtype, quantize],
         check=True,
@@ -100,7 +100,7 @@ def measure_load(directory: str, dtype: str, quantize: str) -> None:
     before = _current_rss_bytes()
     start = time.perf_counter()
     quantize = None if quantize == "none" else quantize
-    model = CSM.from_pretrained(directory, dtype=getattr(torch, dtype), quantize=quantize)
+    model = load_for_generation(directory, dtype=getattr(torch, dtype), quantize=quantize)
     seconds = time.perf_counter() - start
     peak = _peak_rss_bytes() - before
     # Resident after loading and after 4 frames: mapped tables count only for the pages in use.
@@ -283,7 +283,7 @@ def main() -> None:
 
     floor, kernel = matrix_vector_floor_seconds(bf16_bytes_per_frame(CSMConfig()))
     rows = []
-    model = CSM.from_pretrained(directory)
+    model = load_for_generation(directory)
     rows.append(("csm fp32", ours_seconds_per_frame(model, args.frames)))
     del model
     oracle = transformers_model(load_csm(directory))
@@ -298,7 +298,7 @@ def main() -> None:
         modes.append(("csm bf16 compiled", directory, {"dtype": torch.bfloat16, "compile": True}))
     modes += [("csm int8", quantized["int8"], {}), ("csm int4", quantized["int4"], {})]
     for name, folder, options in modes:
-        model = CSM.from_pretrained(folder, **options)
+        model = load_for_generation(folder, **options)
         rows.append((name, ours_seconds_per_frame(model, args.frames)))
         if options.get("compile"):
             compiled = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in model.compile_seconds.items())

@@ -3,7 +3,7 @@
     python benchmarks/bench_engine.py [--frames 12] [--concurrency 1,2,4,8,16] [--quantize int8|int4] [--tiny]
 
 Random weights of CSM-1B's size in bfloat16 (weight-only int8/int4 with --quantize; a tiny CSM
-in float32 with --tiny), in the inference form `CSM.from_pretrained` gives, and a full-size
+in float32 with --tiny), in the inference form `csm.loading.load_for_generation` gives, and a full-size
 Mimi, no watermark (the engine streams unwatermarked audio). Random weights never sample the
 end of speech, so every request runs to `--frames` frames. Reports:
 - for N concurrent requests (submitted together to an engine of N rows): frames per second

@@ -52,10 +52,10 @@ def conversation(seconds: float):
 
 
 def run_ours(folder: Path, seconds: float) -> float:
-    from csm.checkpoints import load_csm
     from csm.finetune.batches import collate
     from csm.finetune.lora import DEFAULT_TARGETS, add_lora
     from csm.finetune.loss import loss_terms
+    from csm.loading import load_csm
 
     model = load_csm(folder)
     add_lora(model, DEFAULT_TARGETS, rank=16, alpha=32)
@@ -78,16 +78,19 @@ def run_transformers(folder: Path, seconds: float) -> float:
     from transformers import CsmConfig, CsmForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    from csm.checkpoints import load_csm
     from csm.finetune.batches import collate
-    from csm.finetune.merge import transformers_config, transformers_tensors
+    from csm.layouts import to_transformers_layout
+    from csm.loading import load_csm
+    from csm.transformers_config import transformers_config
 
     fields = transformers_config(CSMConfig(), {})
     fields.pop("codec_config")  # transformers' default Mimi; the codec is not run here
     with no_init_weights():  # allocated, never written: our weights replace them
         model = CsmForConditionalGeneration(CsmConfig(**fields))
     # The weights are shared with our loaded model, not copied: one copy in memory.
-    missing, _ = model.load_state_dict(transformers_tensors(load_csm(folder)), strict=False, assign=True)
+    ours = load_csm(folder)
+    tensors = to_transformers_layout(ours.state_dict(), ours.config)
+    missing, _ = model.load_state_dict(tensors, strict=False, assign=True)
     assert all(name.startswith("codec_model.") for name in missing), missing
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # Only the CSM layers, as ours: not the codec's.

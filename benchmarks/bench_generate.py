@@ -40,7 +40,7 @@ TEXTS = ["Hey how are you doing?", "Pretty good, pretty good.", "I'm great, than
 
 def random_csm(config: CSMConfig, dtype: torch.dtype, seed: int = 0, quantize: str | None = None) -> CSM:
     """CSM with O(1) activations whose top-k never holds the codes Mimi cannot decode, in the
-    inference form that `CSM.from_pretrained` gives (fused, and quantized with `quantize`)."""
+    inference form that `csm.loading.load_for_generation` gives (fused, and quantized with `quantize`)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = CSM(config)

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_generate import random_csm
+from csm.loading import load_for_generation
 from csm.model import CSM, CSMConfig
 from csm.sampling import sample_topk
 
@@ -44,7 +45,7 @@ def load(model: str | None, quantize: str | None) -> CSM:
     if model is None:
         loaded = random_csm(CSMConfig(), torch.bfloat16, quantize=quantize)
     else:
-        loaded = CSM.from_pretrained(model, dtype=torch.bfloat16, quantize=quantize)
+        loaded = load_for_generation(model, dtype=torch.bfloat16, quantize=quantize)
     loaded.setup_caches(1)
     return loaded
 

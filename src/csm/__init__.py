@@ -1,7 +1,7 @@
 """csm: Sesame's CSM-1B conversational speech model in plain PyTorch.
 
-`import csm` loads the inference stack only; `csm.finetune(...)` loads the training stack on
-first use, and the server is only imported by `csm serve`.
+`import csm` loads the inference stack only; `csm.finetune.train(...)` loads the training stack
+on first use, and the server is only imported by `csm serve`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["CSM", "Generator", "Mimi", "Segment", "Watermarker", "finetune", "lo
 
 
 def __getattr__(name: str) -> Any:
-    # `csm.finetune` is the (callable) package: see csm/finetune/__init__.py.
+    # The fine-tuning package, imported on first use: see csm/finetune/__init__.py.
     if name == "finetune":
         return importlib.import_module("csm.finetune")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,7 @@ import torch
 
 from csm.generator import FRAME_MS, Generator
 from csm.inference import ProductKernel, choose_kernels
+from csm.loading import load_for_generation
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.quality import ScoredSequence, teacher_forced_logits
@@ -182,7 +183,7 @@ def teacher_forced(
 
 
 def _load(mode: Mode, model: str | os.PathLike, device: torch.device) -> CSM:
-    network = CSM.from_pretrained(model, device=device, dtype=mode.dtype, quantize=mode.quantize, compile=mode.compile)
+    network = load_for_generation(model, device=device, dtype=mode.dtype, quantize=mode.quantize, compile=mode.compile)
     _synchronize(device)
     return network
 

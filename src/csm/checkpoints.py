@@ -1,15 +1,16 @@
-"""Load CSM from any published layout: find the files, read them lazily, map keys, copy in.
+"""CSM checkpoints in any published layout: find the files, read them lazily, map keys, copy in.
 
 Layouts:
 - original (Sesame): `model.safetensors` or `ckpt.pt`, with a five-field `config.json`
   (optional: CSM-1B's configuration is the default);
 - transformers (`CsmForConditionalGeneration`): `model.safetensors`, single or sharded with
   `model.safetensors.index.json`, and its `config.json`; q/k rows are stored permuted for
-  rotate-half RoPE and are un-permuted here; the bundled codec (`codec_model.*`) is Mimi's.
+  rotate-half RoPE and are un-permuted (`csm.layouts`); the bundled codec (`codec_model.*`)
+  is Mimi's.
 
 The files are read lazily by `csm.weights`; the model is built on the meta device and every
 tensor is read and copied into its final dtype and device one at a time, so loading needs
-little more memory than the loaded model.
+little more memory than the loaded model. `csm.loading` turns a checkpoint into a model.
 """
 
 from __future__ import annotations
@@ -23,44 +24,19 @@ from typing import Any
 import torch
 
 from csm import hub
+from csm.adapters import load_adapter, merged
 from csm.errors import CheckpointError, WeightsNotFoundError
-from csm.llama import FLAVORS, LlamaConfig
+from csm.layouts import detect_layout, from_transformers_layout
 from csm.model import CSM, CSMConfig
 from csm.quantize import FORMATS as QUANTIZED_FORMATS
 from csm.quantize import INT4_GROUP_SIZE
-from csm.weights import StoredTensor, check_keys_and_shapes, read_checkpoint, shard_finder, some_names
+from csm.transformers_config import config_from_transformers
+from csm.weights import StoredTensor, check_keys_and_shapes, read_checkpoint, shard_finder
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "ckpt.pt")
 CONFIG_FILE = "config.json"
 # Stray buffers that some exports carry and no layout needs.
 _IGNORED = re.compile(r".*_causal_mask$")
-
-
-def load_csm(
-    source: hub.Source = "sesame/csm-1b",
-    *,
-    revision: str | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    adapter: hub.Source | None = None,
-) -> CSM:
-    """CSM from a hub repo id, a local folder or a weights file, in `dtype` (default float32) on `device`.
-
-    The model has the published layout (what fine-tuning trains and what checkpoints hold);
-    `CSM.from_pretrained` also prepares it for fast generation. `adapter` (a PEFT LoRA adapter:
-    hub repo, folder or file) is merged into the weights, in float32, as they are read: the
-    model that comes out is a plain CSM.
-    """
-    checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
-    if checkpoint.quantization is not None:
-        raise CheckpointError(
-            f"{checkpoint.path} is quantized ({checkpoint.quantization}) and has no plain weights, which "
-            "fine-tuning (quantized training is not supported), merging and saving need: use the unquantized "
-            "model; to generate from this folder, load it with CSM.from_pretrained"
-        )
-    return build_model(
-        checkpoint.config, checkpoint.stored, device=torch.device(device or "cpu"), dtype=dtype or torch.float32
-    )
 
 
 @dataclass(frozen=True)
@@ -104,14 +80,22 @@ def open_checkpoint(
                 f"{weights_path} is quantized ({quantization}): an adapter cannot be merged into quantized "
                 "weights; merge it into the plain model with csm merge, then quantize the result"
             )
-        stored = _with_adapter(stored, config, adapter)
+        stored = merged(stored, load_adapter(adapter, config), str(adapter))
     return Checkpoint(weights_path, config, stored, quantization)
 
 
-def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: torch.device, dtype: torch.dtype) -> CSM:
-    """Allocate CSM in its final dtype and device, then copy the stored tensors in one by one."""
+def build_model(
+    config: CSMConfig,
+    stored: dict[str, StoredTensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    network: type[CSM] = CSM,
+) -> CSM:
+    """Allocate `network` (CSM or a subclass) in its final dtype and device, then copy the
+    stored tensors in one by one."""
     with torch.device("meta"):
-        model = CSM(config)
+        model = network(config)
     check_keys_and_shapes(model.state_dict(), stored, "checkpoint does not fit the model config")
     model = model.to(dtype=dtype).to_empty(device=device)
     model.init_buffers()
@@ -119,12 +103,6 @@ def build_model(config: CSMConfig, stored: dict[str, StoredTensor], *, device: t
         for name, target in model.state_dict().items():
             target.copy_(stored[name].read())
     return model.eval().requires_grad_(False)
-
-
-def _with_adapter(stored: dict[str, StoredTensor], config: CSMConfig, adapter: hub.Source) -> dict[str, StoredTensor]:
-    from csm.finetune.adapters import load_adapter, merged
-
-    return merged(stored, load_adapter(adapter, config), str(adapter))
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -166,138 +144,3 @@ def _quantization(fields: dict[str, Any], weights_path: Path) -> str | None:
             f"this version of csm reads groups of {INT4_GROUP_SIZE}"
         )
     return quantization["format"]
-
-
-def config_from_transformers(fields: dict[str, Any]) -> CSMConfig:
-    """CSMConfig from a transformers `CsmConfig` json (its flavors named when they are known ones)."""
-    try:
-        backbone = _llama_from_transformers(fields, max_seq_len=fields["max_position_embeddings"])
-        # The depth decoder only sees one frame's positions; keep the original flavor's value.
-        decoder = _llama_from_transformers(fields["depth_decoder_config"], max_seq_len=LlamaConfig.max_seq_len)
-        return CSMConfig(
-            audio_num_codebooks=fields["num_codebooks"],
-            audio_vocab_size=fields["vocab_size"],
-            backbone_flavor=_name_if_known(backbone),
-            decoder_flavor=_name_if_known(decoder),
-            text_vocab_size=fields["text_vocab_size"],
-        )
-    except KeyError as error:
-        raise CheckpointError(f"transformers config.json lacks the field {error}") from None
-
-
-def _llama_from_transformers(fields: dict[str, Any], *, max_seq_len: int) -> LlamaConfig:
-    heads = fields["num_attention_heads"]
-    rope = _rope_from_transformers(fields)
-    return LlamaConfig(
-        num_layers=fields["num_hidden_layers"],
-        dim=fields["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=fields.get("num_key_value_heads") or heads,
-        head_dim=fields.get("head_dim") or fields["hidden_size"] // heads,
-        ffn_dim=fields["intermediate_size"],
-        max_seq_len=max_seq_len,
-        norm_eps=fields.get("rms_norm_eps", 1e-5),
-        **rope,
-    )
-
-
-def _rope_from_transformers(fields: dict[str, Any]) -> dict[str, Any]:
-    """Llama-3 RoPE scaling from transformers' parametrisation to the original one.
-
-    transformers bounds the scaled band by wavelengths original_max / low and original_max /
-    high; the original uses old_context / low' and old_context / high'. With low' = 1 both
-    give the same frequencies: old_context = original_max / low, high' = high / low.
-    """
-    # transformers >= 5 nests everything in rope_parameters; 4.x has rope_theta + rope_scaling.
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
-    base = rope.get("rope_theta", fields.get("rope_theta", 500_000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        return {"rope_base": base, "rope_scale_factor": 1.0}
-    if kind != "llama3":
-        raise CheckpointError(f"unsupported RoPE type {kind!r} in config.json (CSM uses llama3)")
-    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
-    return {
-        "rope_base": base,
-        "rope_scale_factor": rope["factor"],
-        "rope_low_freq_factor": 1.0,
-        "rope_high_freq_factor": high / low,
-        "rope_old_context_len": round(rope["original_max_position_embeddings"] / low),
-    }
-
-
-def _name_if_known(config: LlamaConfig) -> str | LlamaConfig:
-    return next((name for name, known in FLAVORS.items() if known == config), config)
-
-
-# --- key layouts -----------------------------------------------------------------------------
-
-
-def detect_layout(stored: dict[str, StoredTensor]) -> str:
-    """'original' or 'transformers', from the checkpoint's keys."""
-    if "codebook0_head.weight" in stored or any(name.startswith("backbone.") for name in stored):
-        return "original"
-    if "lm_head.weight" in stored or any(name.startswith("backbone_model.") for name in stored):
-        return "transformers"
-    raise CheckpointError(
-        f"not a CSM checkpoint: neither original nor transformers keys (found {some_names(sorted(stored), 5)})"
-    )
-
-
-_TRANSFORMERS_NAMES = {
-    "embed_text_tokens.weight": "text_embeddings.weight",
-    "backbone_model.embed_tokens.embed_audio_tokens.weight": "audio_embeddings.weight",
-    "lm_head.weight": "codebook0_head.weight",
-    "depth_decoder.model.inputs_embeds_projector.weight": "projection.weight",
-    "depth_decoder.codebooks_head.weight": "audio_head",
-    "backbone_model.norm.weight": "backbone.norm.scale",
-    "depth_decoder.model.norm.weight": "decoder.norm.scale",
-}
-_TRANSFORMERS_LAYER_NAMES = {
-    "self_attn.q_proj.weight": "attn.q_proj.weight",
-    "self_attn.k_proj.weight": "attn.k_proj.weight",
-    "self_attn.v_proj.weight": "attn.v_proj.weight",
-    "self_attn.o_proj.weight": "attn.output_proj.weight",
-    "mlp.gate_proj.weight": "mlp.w1.weight",
-    "mlp.down_proj.weight": "mlp.w2.weight",
-    "mlp.up_proj.weight": "mlp.w3.weight",
-    "input_layernorm.weight": "sa_norm.scale",
-    "post_attention_layernorm.weight": "mlp_norm.scale",
-}
-_TRANSFORMERS_LAYER = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)")
-# The depth decoder's audio embeddings are tied to the backbone's: transformers saves one of
-# the two names. The bundled codec is loaded by the Mimi loader.
-_TIED_AUDIO_EMBEDDINGS = "depth_decoder.model.embed_tokens.weight"
-_CODEC_PREFIX = "codec_model."
-
-
-def from_transformers_layout(stored: dict[str, StoredTensor], config: CSMConfig) -> dict[str, StoredTensor]:
-    """Rename transformers keys to the original ones and un-permute the q/k rows."""
-    mapped = {}
-    for name, tensor in stored.items():
-        if name == _TIED_AUDIO_EMBEDDINGS or name.startswith(_CODEC_PREFIX):
-            continue
-        layer = _TRANSFORMERS_LAYER.fullmatch(name)
-        if layer is None:
-            mapped[_TRANSFORMERS_NAMES.get(name, name)] = tensor
-            continue
-        stack, index, rest = layer.groups()
-        llama = config.backbone if stack == "backbone_model" else config.decoder
-        prefix = "backbone" if stack == "backbone_model" else "decoder"
-        new_name = f"{prefix}.layers.{index}.{_TRANSFORMERS_LAYER_NAMES.get(rest, rest)}"
-        heads = {"self_attn.q_proj.weight": llama.num_heads, "self_attn.k_proj.weight": llama.num_kv_heads}.get(rest)
-        mapped[new_name] = tensor if heads is None else _unpermuted(tensor, heads)
-    if "audio_embeddings.weight" not in mapped and _TIED_AUDIO_EMBEDDINGS in stored:
-        mapped["audio_embeddings.weight"] = stored[_TIED_AUDIO_EMBEDDINGS]
-    return mapped
-
-
-def _unpermuted(tensor: StoredTensor, heads: int) -> StoredTensor:
-    """Rows of each head from rotate-half order (all even, then all odd) back to interleaved pairs."""
-
-    def read() -> torch.Tensor:
-        weight = tensor.read()
-        rows, dim = weight.shape
-        return weight.view(heads, 2, rows // heads // 2, dim).transpose(1, 2).reshape(rows, dim)
-
-    return StoredTensor(tensor.shape, read)

@@ -5,6 +5,8 @@ inductor fuses the small operations around the matrix products (norms, RoPE, the
 writes) and removes most of their dispatch cost; on CUDA the graphs are also captured as
 CUDA graphs ("reduce-overhead"), the depth decoder's steps included. The first frame pays
 for the compilation (tens of seconds on a CPU); `model.compile_seconds` reports it.
+`CompiledCSM` is a `CSM` whose two steps are compiled: the network is unchanged, and the
+generator and the engine call it through the same methods.
 
 Guarantee: the same computation up to floating-point rounding (inductor may keep bf16
 intermediates in float32 and reorder reductions), so logits agree within rounding and
@@ -18,35 +20,47 @@ from collections.abc import Callable
 
 import torch
 
-from csm.model import CSM
+from csm.model import CSM, CSMConfig
 
 
-def compile_frame_step(model: CSM) -> CSM:
-    """Compile `model`'s one-position backbone step and its depth-decoder step in place; returns it.
+class CompiledCSM(CSM):
+    """CSM whose one-position backbone step and depth-decoder step run through `torch.compile`.
 
-    Each is compiled at its first call, for static shapes: the batch size and the cache rows
-    are part of the graph, so a new batch size or row range compiles again (a batching
-    engine that steps many different ranges is better served eagerly). A prompt of several
-    positions (prefill, a large product that compilation does not speed up) runs eagerly, so
-    prompts of new lengths never wait for the compiler.
+    Built in place of `CSM` by `csm.loading.load_for_generation(..., compile=True)`. Each step
+    is compiled at its first call, for static shapes: the batch size and the cache rows are part
+    of the graph, so a new batch size or row range compiles again (a batching engine that steps
+    many different ranges is better served eagerly). A prompt of several positions (prefill, a
+    large product that compilation does not speed up) runs eagerly, so prompts of new lengths
+    never wait for the compiler. `compile_seconds` records how long each first call took.
     """
-    cuda = model.codebook_offsets.device.type == "cuda"
-    options = {"mode": "reduce-overhead"} if cuda else {}
-    model.compile_seconds = {}
-    eager_backbone = model.backbone_hidden
-    backbone_step = _timed(model, "backbone step", torch.compile(eager_backbone, dynamic=False, **options))
-    backbone_step = outliving_replays(backbone_step, cuda_graphs=cuda)
 
-    def backbone_hidden(tokens, tokens_mask, input_pos, rows=None):
+    def __init__(self, config: CSMConfig) -> None:
+        super().__init__(config)
+        self.compile_seconds: dict[str, float] = {}
+        self._compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+    def backbone_hidden(
+        self, tokens: torch.Tensor, tokens_mask: torch.Tensor, input_pos: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
         # Any one-position call, a decoding step or a prompt chunk of one position, runs the
         # compiled step: both have the same shapes, and its output outlives the next replay.
-        run = backbone_step if tokens.shape[1] == 1 else eager_backbone
-        return run(tokens, tokens_mask, input_pos, rows)
+        if tokens.shape[1] != 1:
+            return super().backbone_hidden(tokens, tokens_mask, input_pos, rows)
+        return self._step("backbone step", super().backbone_hidden)(tokens, tokens_mask, input_pos, rows)
 
-    model.backbone_hidden = backbone_hidden
-    depth_step = _timed(model, "depth step", torch.compile(model.depth_step, dynamic=False, **options))
-    model.depth_step = outliving_replays(depth_step, cuda_graphs=cuda)
-    return model
+    def depth_step(
+        self, inputs: torch.Tensor, positions: torch.Tensor, rows: slice, head: torch.Tensor
+    ) -> torch.Tensor:
+        return self._step("depth step", super().depth_step)(inputs, positions, rows, head)
+
+    def _step(self, name: str, eager: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The compiled form of `eager`, made on first use (when the weights and device are final)."""
+        if name not in self._compiled:
+            cuda = self.codebook_offsets.device.type == "cuda"
+            options = {"mode": "reduce-overhead"} if cuda else {}
+            step = _timed(self.compile_seconds, name, torch.compile(eager, dynamic=False, **options))
+            self._compiled[name] = outliving_replays(step, cuda_graphs=cuda)
+        return self._compiled[name]
 
 
 def outliving_replays(step: Callable[..., torch.Tensor], *, cuda_graphs: bool) -> Callable[..., torch.Tensor]:
@@ -68,15 +82,15 @@ def outliving_replays(step: Callable[..., torch.Tensor], *, cuda_graphs: bool) -
     return call
 
 
-def _timed(model: CSM, name: str, compiled: Callable) -> Callable:
-    """`compiled`, recording how long its first call (which compiles it) takes in model.compile_seconds."""
+def _timed(seconds: dict[str, float], name: str, compiled: Callable) -> Callable:
+    """`compiled`, recording how long its first call (which compiles it) takes in seconds[name]."""
 
     def call(*args, **kwargs):
-        if name in model.compile_seconds:
+        if name in seconds:
             return compiled(*args, **kwargs)
         start = time.perf_counter()
         result = compiled(*args, **kwargs)
-        model.compile_seconds[name] = time.perf_counter() - start
+        seconds[name] = time.perf_counter() - start
         return result
 
     return call

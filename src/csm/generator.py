@@ -25,6 +25,7 @@ import torch
 from csm.audio import check_audio
 from csm.batching import CacheRows, Prompt, Sampling
 from csm.devices import default_device, default_dtype
+from csm.loading import load_for_generation
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.prefix_cache import PrefixKVCache
@@ -369,7 +370,7 @@ def load_csm_1b(
     the CSM network) to `csm.devices.default_dtype(device)`. `watermark` is True for the
     reference's public key, False for none, or your own 5-byte key; `revision` pins the
     model repo. `quantize` ("int8" or "int4", bfloat16 activations) and `compile` are
-    `CSM.from_pretrained`'s; a folder written by `csm quantize` loads quantized as it is.
+    `csm.loading.load_for_generation`'s; a folder written by `csm quantize` loads quantized as it is.
     `adapter` is a fine-tuned LoRA adapter (PEFT format: hub repo id, folder or file), merged
     into the CSM weights as they load.
     """
@@ -380,7 +381,7 @@ def load_csm_1b(
     dtype = dtype or (torch.bfloat16 if quantize else default_dtype(device))
 
     def load() -> Generator:
-        network = CSM.from_pretrained(
+        network = load_for_generation(
             model, revision=revision, device=device, dtype=dtype, quantize=quantize, compile=compile, adapter=adapter
         )
         codec = Mimi.from_pretrained(mimi, device=device, dtype=torch.float32, num_codebooks=32)

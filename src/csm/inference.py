@@ -3,19 +3,20 @@
 `prepare(model, quantize)` swaps modules in place, once, after loading (and after any
 adapter is merged into the plain weights):
 
-- each layer's q/k/v projections become one product, and so do the MLP's w1 and w3: one
-  weight read and one kernel call instead of three or two, with bit-identical outputs
-  (each output row is the same dot product whichever matrix holds it);
+- each layer's `Attention` becomes a `FusedAttention` whose q/k/v projections are one
+  product, and its `MLP` a `FusedMLP` whose w1 and w3 are one (`csm.llama`): one weight read
+  and one kernel call instead of three or two, with bit-identical outputs (each output row is
+  the same dot product whichever matrix holds it);
 - each codebook's head is laid out as rows, for the one-row mat-vec kernel;
 - with `quantize` one of `csm.quantize.MODES` ("int8", "int8-dynamic", "int4"), every linear
   of the backbone and the depth decoder and the projection between them becomes a quantized
-  linear (`csm.quantize.quantized_linear`). The embeddings and the two heads stay as they
+  linear (`quantized_linear`). The embeddings and the two heads stay as they
   are: embeddings are gathered, not multiplied (a lookup reads 2 rows, not the table), and the
   heads pick the codes themselves, so their error would change tokens directly; they are also
   only ~1.5% of a frame's weight traffic.
 
-The plain model (`csm.checkpoints.load_csm`) keeps the published layout, for training and
-for saving; the prepared one is for generation only.
+The plain model (`csm.loading.load_csm`) keeps the published layout, for training and for
+saving; the prepared one (`csm.loading.load_for_generation`) is for generation only.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from torch import nn
 
 from csm import quantize as quantization
 from csm.device_quantize import device_linear
+from csm.int8_dynamic import DynamicInt8Linear
 from csm.kernels import MV, Choice, KernelTable, Shape, default_table
 from csm.kernels import chooses as kernel_chooses
-from csm.llama import Linear, is_matrix_vector
+from csm.llama import FusedAttention, FusedMLP, Linear, is_matrix_vector
 from csm.model import CSM
-from csm.quantize import MODES, QuantizedWeight, concatenate, quantized_linear
+from csm.quantize import MODES, QuantizedLinear, QuantizedWeight, concatenate, stored_format
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -60,7 +62,10 @@ def prepare(
     quantized: Callable[[str], QuantizedWeight] | None = None,
     kernels: KernelTable | None = None,
 ) -> CSM:
-    """Fuse (and with `quantize`, quantize) the linears of `model` in place; returns it.
+    """Swap the layers of `model` for their inference form in place; returns it.
+
+    Each `Attention` becomes a `FusedAttention` and each `MLP` a `FusedMLP` (`csm.llama`),
+    whose products are fused (and with `quantize`, quantized) linears; so does the projection.
 
     `quantized` reads the already quantized weight of a linear by its published name (from a
     quantized checkpoint, one layer at a time); the linears of `model` may then be on the
@@ -78,15 +83,14 @@ def prepare(
         return _linear(parts, quantize)
 
     for stack in ("backbone", "decoder"):
-        for index, layer in enumerate(getattr(model, stack).layers):
+        llama = getattr(model, stack)
+        for index, layer in enumerate(llama.layers):
             prefix = f"{stack}.layers.{index}"
-            attn, mlp = layer.attn, layer.mlp
-            attn.qkv_proj = fused(*(f"{prefix}.attn.{part}" for part in ("q_proj", "k_proj", "v_proj")))
-            del attn.q_proj, attn.k_proj, attn.v_proj
-            attn.output_proj = fused(f"{prefix}.attn.output_proj")
-            mlp.w13 = fused(f"{prefix}.mlp.w1", f"{prefix}.mlp.w3")
-            del mlp.w1, mlp.w3
-            mlp.w2 = fused(f"{prefix}.mlp.w2")
+            qkv_proj = fused(*(f"{prefix}.attn.{part}" for part in ("q_proj", "k_proj", "v_proj")))
+            attention = FusedAttention(llama.config, qkv_proj, fused(f"{prefix}.attn.output_proj"))
+            attention.cache = layer.attn.cache
+            layer.attn = attention
+            layer.mlp = FusedMLP(fused(f"{prefix}.mlp.w1", f"{prefix}.mlp.w3"), fused(f"{prefix}.mlp.w2"))
     model.projection = fused("projection")
     if not model.audio_head.is_meta:
         arrange_audio_head(model)
@@ -177,6 +181,13 @@ def _linear(parts: list[torch.Tensor | QuantizedWeight], quantize: str | None) -
                 linear = Linear(weight.shape[1], weight.shape[0])
             linear.weight = nn.Parameter(weight, requires_grad=False)
     return linear if len(sizes) == 1 else FusedLinear(linear, sizes)
+
+
+def quantized_linear(weight: QuantizedWeight, mode: str) -> nn.Module:
+    """The CPU module that runs `weight` in `mode` (whose stored format `weight` must have)."""
+    if stored_format(mode) != weight.format:
+        raise ValueError(f"mode {mode} runs {stored_format(mode)} weights, not {weight.format}")
+    return DynamicInt8Linear(weight) if mode == "int8-dynamic" else QuantizedLinear(weight)
 
 
 def _quantized_linear(weight: QuantizedWeight, mode: str) -> nn.Module:

@@ -3,7 +3,9 @@
 Only what inference needs: RMSNorm, Llama-3 scaled RoPE on interleaved pairs, grouped-query
 attention over a preallocated KV cache that each step writes in place, and a SwiGLU MLP.
 Parameter names follow the original CSM checkpoint (torchtune's), so a state dict of these
-modules is an original-layout checkpoint.
+modules is an original-layout checkpoint. `FusedAttention` and `FusedMLP` are the inference
+form of the attention and the MLP, with their input projections as one module each, which
+`csm.inference` swaps in.
 """
 
 from __future__ import annotations
@@ -218,25 +220,19 @@ def is_matrix_vector(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
 
 
-class Attention(nn.Module):
+class _Attention(nn.Module):
+    """Grouped-query attention over a static KV cache; the subclass says how x becomes q, k and v."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = Linear(config.dim, config.num_heads * config.head_dim)
-        self.k_proj = Linear(config.dim, config.num_kv_heads * config.head_dim)
-        self.v_proj = Linear(config.dim, config.num_kv_heads * config.head_dim)
-        self.output_proj = Linear(config.num_heads * config.head_dim, config.dim)
         self.cache: KVCache | None = None
-        # Set by `csm.inference.prepare`: q, k and v as one fused module (the three above are then gone).
-        self.qkv_proj: nn.Module | None = None
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of x [B, S, dim]."""
-        if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv_proj(x)
+        raise NotImplementedError
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, rows: slice
@@ -260,27 +256,75 @@ class Attention(nn.Module):
         return self.output_proj(out)
 
 
-class MLP(nn.Module):
+class Attention(_Attention):
+    """The published layout: separate q, k and v projections (what checkpoints and LoRA name)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.q_proj = Linear(config.dim, config.num_heads * config.head_dim)
+        self.k_proj = Linear(config.dim, config.num_kv_heads * config.head_dim)
+        self.v_proj = Linear(config.dim, config.num_kv_heads * config.head_dim)
+        self.output_proj = Linear(config.num_heads * config.head_dim, config.dim)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+class FusedAttention(_Attention):
+    """The inference form (`csm.inference`): q, k and v from one module that returns all three."""
+
+    def __init__(self, config: LlamaConfig, qkv_proj: nn.Module, output_proj: nn.Module) -> None:
+        super().__init__(config)
+        self.qkv_proj = qkv_proj
+        self.output_proj = output_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv_proj(x)
+
+
+class _MLP(nn.Module):
+    """SwiGLU: w2(silu(gate) * up); the subclass says how x becomes gate and up."""
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
+        return self.w2(F.silu(gate) * up)
+
+
+class MLP(_MLP):
+    """The published layout: separate gate (w1) and up (w3) projections."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.w1 = Linear(config.dim, config.ffn_dim)
         self.w2 = Linear(config.ffn_dim, config.dim)
         self.w3 = Linear(config.dim, config.ffn_dim)
-        # Set by `csm.inference.prepare`: w1 and w3 as one fused module (the two above are then gone).
-        self.w13: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x)
-        return self.w2(F.silu(gate) * up)
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w1(x), self.w3(x)
+
+
+class FusedMLP(_MLP):
+    """The inference form (`csm.inference`): gate and up from one module that returns both."""
+
+    def __init__(self, w13: nn.Module, w2: nn.Module) -> None:
+        super().__init__()
+        self.w13 = w13
+        self.w2 = w2
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13(x)
 
 
 class Layer(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.sa_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn: _Attention = Attention(config)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp: _MLP = MLP(config)
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, rows: slice

@@ -9,7 +9,6 @@ position 0 for every frame.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,6 @@ from torch import nn
 from csm import kernels
 from csm.devices import embedding_bag_runs_on
 from csm.errors import CheckpointError
-from csm.heap import return_freed_memory
 from csm.llama import FLAVORS, Linear, Llama, LlamaConfig, linear
 from csm.sampling import sample_topk
 
@@ -88,6 +86,12 @@ def _llama_config(fields: dict[str, Any]) -> LlamaConfig:
 
 
 class CSM(nn.Module):
+    """The network: frame embeddings, backbone, depth decoder, heads, one frame step.
+
+    Load one with `csm.loading.load_for_generation` (the inference form) or
+    `csm.loading.load_csm` (the published layout, for training and saving).
+    """
+
     def __init__(self, config: CSMConfig) -> None:
         super().__init__()
         self.config = config
@@ -117,63 +121,6 @@ class CSM(nn.Module):
     @property
     def max_seq_len(self) -> int:
         return self.config.backbone.max_seq_len
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | os.PathLike[str] = "sesame/csm-1b",
-        *,
-        revision: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        quantize: str | None = None,
-        compile: bool = False,
-        adapter: str | os.PathLike[str] | None = None,
-    ) -> CSM:
-        """Load a checkpoint (hub repo id, local folder or file) ready for generation.
-
-        Any published layout (see `csm.checkpoints`) or a folder written by `csm quantize`.
-        `dtype` defaults to float32, or bfloat16 with `quantize`. The model is prepared for
-        speed (`csm.inference.prepare`): fused products, tokens unchanged; `quantize="int8"` or
-        `"int4"` quantizes its linears (bfloat16 activations), `"int8-dynamic"` its activations
-        too (`csm.quantize.MODES`). `compile=True` compiles the frame step (`csm.compiled`).
-        `adapter` is a PEFT LoRA adapter (hub repo id, folder or file),
-        merged into the plain weights before they are prepared. For the plain published layout, for training or saving, use
-        `csm.checkpoints.load_csm`.
-        """
-        # Imported here because loading depends on the network, not the other way round.
-        from csm.checkpoints import build_model, open_checkpoint
-        from csm.compiled import compile_frame_step
-        from csm.devices import capabilities, check_dtype
-        from csm.inference import check_quantize, choose_kernels, prepare
-        from csm.quantize import MODES, stored_format
-        from csm.quantized_checkpoint import build_quantized_model
-
-        check_quantize(quantize)
-        if (quantize is not None) and dtype not in (None, torch.bfloat16):
-            raise ValueError(f"quantize={quantize!r} runs in bfloat16, not {str(dtype).removeprefix('torch.')}")
-        device = torch.device(device or "cpu")
-        if device.type in ("cuda", "mps"):
-            check_dtype(capabilities(device), dtype or (torch.bfloat16 if quantize else torch.float32))
-        checkpoint = open_checkpoint(source, revision=revision, adapter=adapter)
-        if checkpoint.quantization is not None:
-            # An int8 folder runs as "int8" or "int8-dynamic": both modes store the same weights.
-            runs = quantize is None or stored_format(quantize) == checkpoint.quantization
-            if not runs or dtype not in (None, torch.bfloat16):
-                modes = " or ".join(repr(mode) for mode in MODES if stored_format(mode) == checkpoint.quantization)
-                raise ValueError(
-                    f"{checkpoint.path} is quantized to {checkpoint.quantization} (bfloat16 activations): "
-                    f"load it with quantize=None or {modes} and the default dtype"
-                )
-            model = build_quantized_model(checkpoint, device=device, mode=quantize)
-            choose_kernels(model)  # its heads, read after the quantized linears were built
-        else:
-            dtype = dtype or (torch.bfloat16 if quantize else torch.float32)
-            # The published layout, adapter merged: the swap to fast modules comes after.
-            model = build_model(checkpoint.config, checkpoint.stored, device=device, dtype=dtype)
-            model = prepare(model, quantize)
-        return_freed_memory()
-        return compile_frame_step(model) if compile else model
 
     def setup_caches(self, batch_size: int) -> None:
         """Preallocate the KV caches of both transformers for `batch_size` rows."""

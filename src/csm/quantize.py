@@ -6,6 +6,7 @@ Modes (`MODES`, the `quantize=` of the loaders and `--quantize` of the commands)
   kernel converts each weight to float (`QuantizedLinear`).
 - "int8-dynamic": the same int8 weights times activations quantized to int8 per row at each
   product, summed in int32 (`csm.int8_dynamic.DynamicInt8Linear`): faster, a little less exact.
+  `csm.inference.quantized_linear` picks the module of a mode.
 - "int4": weight-only int4, groups of `INT4_GROUP_SIZE` along K.
 
 Both int8 modes store the same weights (`stored_format`), so one quantized folder serves both.
@@ -81,18 +82,6 @@ def stored_format(mode: str) -> str:
     if mode not in _STORED:
         raise ValueError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
     return _STORED[mode]
-
-
-def quantized_linear(weight: QuantizedWeight, mode: str) -> nn.Module:
-    """The module that runs `weight` in `mode` (whose stored format `weight` must have)."""
-    if stored_format(mode) != weight.format:
-        raise ValueError(f"mode {mode} runs {stored_format(mode)} weights, not {weight.format}")
-    if mode == "int8-dynamic":
-        # Imported here: csm.int8_dynamic builds on this module.
-        from csm.int8_dynamic import DynamicInt8Linear
-
-        return DynamicInt8Linear(weight)
-    return QuantizedLinear(weight)
 
 
 def quantize(weight: torch.Tensor, format: str, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:

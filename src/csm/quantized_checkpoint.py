@@ -1,4 +1,4 @@
-"""Quantized checkpoints: what `csm quantize` writes and `CSM.from_pretrained` reads.
+"""Quantized checkpoints: what `csm quantize` writes and `csm.loading.load_for_generation` reads.
 
 A folder with `model.safetensors` and `config.json`. The config is the original five fields
 plus `"quantization": {"format": "int8" | "int4", "group_size": ...}`. Every linear that
@@ -77,8 +77,11 @@ def _copy_companions(source: hub.Source, revision: str | None, folder: Path) -> 
         shutil.copyfile(found, folder / name)
 
 
-def build_quantized_model(checkpoint: Checkpoint, *, device: torch.device, mode: str | None = None) -> CSM:
-    """The prepared (fused, quantized) model of a quantized checkpoint, built layer by layer.
+def build_quantized_model(
+    checkpoint: Checkpoint, *, device: torch.device, mode: str | None = None, network: type[CSM] = CSM
+) -> CSM:
+    """The prepared (fused, quantized) `network` (CSM or a subclass) of a quantized checkpoint,
+    built layer by layer.
 
     `mode` (`csm.quantize.MODES`) must run the checkpoint's format; by default it is that format.
     """
@@ -88,7 +91,7 @@ def build_quantized_model(checkpoint: Checkpoint, *, device: torch.device, mode:
         raise ValueError(f"{checkpoint.path} holds {format} weights, which mode {mode} cannot run")
     stored = checkpoint.stored
     with torch.device("meta"):
-        model = CSM(checkpoint.config).to(torch.bfloat16)
+        model = network(checkpoint.config).to(torch.bfloat16)
     linears = quantized_linear_names(model)
     expected = _expected_shapes(model, linears, format)
     check_keys_and_shapes(expected, stored, f"{checkpoint.path} does not fit its {format} config")

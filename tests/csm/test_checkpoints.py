@@ -7,10 +7,11 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
-from csm.checkpoints import config_from_transformers, load_csm
 from csm.errors import CheckpointError, WeightsNotFoundError
 from csm.llama import FLAVORS
+from csm.loading import load_csm, load_for_generation
 from csm.model import CSM, CSMConfig
+from csm.transformers_config import config_from_transformers
 from tests.factories.csm import random_state_dict, tiny_config, transformers_config, write_csm_checkpoint
 from tests.factories.hub import populate_hub_cache
 
@@ -84,7 +85,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, config, expec
     save_file(broken, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     with pytest.raises(CheckpointError) as caught:
-        CSM.from_pretrained(tmp_path)
+        load_for_generation(tmp_path)
     message = str(caught.value)
     assert "missing keys: projection.weight" in message
     assert "unexpected keys: extra.weight" in message
@@ -96,7 +97,7 @@ def test_a_truncated_file_says_so(tmp_path, original_dir):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     shutil.copy(original_dir / "config.json", tmp_path)
     with pytest.raises(CheckpointError, match="truncated"):
-        CSM.from_pretrained(tmp_path)
+        load_for_generation(tmp_path)
 
 
 def test_a_truncated_ckpt_says_so(tmp_path, config):
@@ -104,20 +105,20 @@ def test_a_truncated_ckpt_says_so(tmp_path, config):
     data = (folder / "ckpt.pt").read_bytes()
     (folder / "ckpt.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="ckpt.pt"):
-        CSM.from_pretrained(folder)
+        load_for_generation(folder)
 
 
 @pytest.mark.parametrize("content", [b"hello, I am not a checkpoint", b"", json.dumps({"a": 1}).encode()])
 def test_a_file_that_is_no_checkpoint(tmp_path, content):
     (tmp_path / "model.safetensors").write_bytes(content)
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        CSM.from_pretrained(tmp_path / "model.safetensors")
+        load_for_generation(tmp_path / "model.safetensors")
 
 
 def test_safetensors_without_csm_keys(tmp_path):
     save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a CSM checkpoint"):
-        CSM.from_pretrained(tmp_path)
+        load_for_generation(tmp_path)
 
 
 class Payload:
@@ -128,14 +129,14 @@ class Payload:
 def test_a_ckpt_with_arbitrary_objects_is_never_unpickled(tmp_path, capsys):
     torch.save({"model": Payload()}, tmp_path / "ckpt.pt", pickle_module=pickle)
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
-        CSM.from_pretrained(tmp_path)
+        load_for_generation(tmp_path)
     assert "must never run" not in capsys.readouterr().out
 
 
 def test_a_ckpt_that_is_no_state_dict(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match="plain state dict"):
-        CSM.from_pretrained(tmp_path)
+        load_for_generation(tmp_path)
 
 
 def test_unknown_flavor_name(tmp_path, original_dir):
@@ -143,7 +144,7 @@ def test_unknown_flavor_name(tmp_path, original_dir):
     fields = {**CSMConfig().to_dict(), "backbone_flavor": "llama-7B"}
     (tmp_path / "config.json").write_text(json.dumps(fields))
     with pytest.raises(CheckpointError, match="unknown model flavor 'llama-7B'; known flavors: llama-1B, llama-100M"):
-        CSM.from_pretrained(tmp_path)
+        load_for_generation(tmp_path)
 
 
 def test_original_config_round_trips():
@@ -171,7 +172,7 @@ def test_offline_and_not_cached_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="not in the local cache and HF_HUB_OFFLINE is set"):
-        CSM.from_pretrained("sesame/csm-1b")
+        load_for_generation("sesame/csm-1b")
 
 
 def test_csm_1b_has_the_published_keys_and_shapes():
@@ -202,4 +203,4 @@ def test_a_missing_shard_is_named(tmp_path, config):
     shard = max(index["weight_map"].values())
     (folder / shard).unlink()
     with pytest.raises(CheckpointError, match=f"lists the shard {shard}, which is not beside it"):
-        CSM.from_pretrained(folder)
+        load_for_generation(folder)

@@ -5,7 +5,7 @@ import torch
 
 from csm import kernels
 from csm.compiled import outliving_replays
-from csm.model import CSM
+from csm.loading import load_for_generation
 from tests.csm.test_inference import frames
 from tests.csm.test_model import text_prompt
 from tests.factories.csm import tiny_config, write_csm_checkpoint
@@ -18,8 +18,8 @@ def folder(tmp_path_factory):
 
 def test_the_compiled_step_gives_the_eager_tokens_and_reports_its_compile_time(folder):
     """float32, where inductor's fusions change no rounding that decides a token on this model."""
-    eager = CSM.from_pretrained(folder)
-    compiled = CSM.from_pretrained(folder, compile=True)
+    eager = load_for_generation(folder)
+    compiled = load_for_generation(folder, compile=True)
     prompt = [text_prompt(5, seed=0)]
     assert torch.equal(frames(compiled, prompt), frames(eager, prompt))
     assert set(compiled.compile_seconds) == {"backbone step", "depth step"}
@@ -32,7 +32,7 @@ def test_the_compiled_step_gives_the_eager_tokens_and_reports_its_compile_time(f
 def test_cuda_runs_the_compiled_step_in_every_mode(folder, quantize):
     """A prompt (eager), then one-position steps through the compiled CUDA graphs, a prompt chunk
     of one position among them; every backbone state held across later replays stays intact."""
-    model = CSM.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, quantize=quantize, compile=True)
+    model = load_for_generation(folder, device="cuda", dtype=torch.bfloat16, quantize=quantize, compile=True)
     model.setup_caches(2)
     tokens, mask = text_prompt(5, seed=0)
     tokens, mask = tokens[None].cuda(), mask[None].cuda()

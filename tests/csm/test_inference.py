@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from csm import kernels
-from csm.checkpoints import load_csm
 from csm.inference import FusedLinear, prepare
-from csm.model import CSM
+from csm.loading import load_csm, load_for_generation
 from csm.quantize import QuantizedLinear
 from tests.csm.test_model import generate, next_input, text_prompt
 from tests.factories.csm import tiny_config, write_csm_checkpoint
@@ -38,7 +37,7 @@ def test_fused_products_give_the_plain_models_tokens(folder, dtype, monkeypatch)
     differently, which `test_every_kernel_keeps_bf16_within_its_rounding_of_float32` bounds."""
     monkeypatch.setenv("CSM_KERNELS", "off")
     plain = load_csm(folder, dtype=dtype)
-    fast = CSM.from_pretrained(folder, dtype=dtype)
+    fast = load_for_generation(folder, dtype=dtype)
     assert isinstance(fast.backbone.layers[0].attn.qkv_proj, FusedLinear)
     assert not hasattr(fast.decoder.layers[0].mlp, "w1")
     prompts = [text_prompt(40, seed=0), text_prompt(40, seed=1)]
@@ -68,11 +67,11 @@ def test_every_kernel_keeps_bf16_within_its_rounding_of_float32(folder, kernel, 
     codes = torch.randint(2048, (32,), generator=torch.Generator().manual_seed(0))
     prompt = text_prompt(7, seed=5)
     with torch.inference_mode():
-        exact = stepped_logits(CSM.from_pretrained(folder), prompt, codes)
+        exact = stepped_logits(load_for_generation(folder), prompt, codes)
         monkeypatch.setenv("CSM_KERNELS", "off")
-        reference = stepped_logits(CSM.from_pretrained(folder, dtype=torch.bfloat16), prompt, codes)
+        reference = stepped_logits(load_for_generation(folder, dtype=torch.bfloat16), prompt, codes)
         monkeypatch.setenv("CSM_KERNELS", kernel)
-        model = CSM.from_pretrained(folder, dtype=torch.bfloat16)
+        model = load_for_generation(folder, dtype=torch.bfloat16)
         chosen = stepped_logits(model, prompt, codes)
     if kernel != "measure":
         assert model.backbone.layers[0].mlp.w2.kernel == kernel
@@ -85,7 +84,7 @@ def test_every_kernel_keeps_bf16_within_its_rounding_of_float32(folder, kernel, 
 def test_quantized_rows_decode_as_if_alone(folder, quantize):
     """The batching engine steps any range of rows: a quantized model gives a row the frames
     it gives that row alone."""
-    model = CSM.from_pretrained(folder, quantize=quantize)
+    model = load_for_generation(folder, quantize=quantize)
     layer = model.decoder.layers[1]
     assert isinstance(layer.mlp.w2, QuantizedLinear) and layer.mlp.w2.packed
     assert isinstance(layer.attn.qkv_proj.linear, QuantizedLinear)
@@ -112,7 +111,7 @@ def test_quantized_models_stay_close_to_bf16(folder):
     tokens, mask = text_prompt(5, seed=4)
     logits = {}
     for quantize in (None, "int8", "int4"):
-        model = CSM.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
+        model = load_for_generation(folder, dtype=torch.bfloat16, quantize=quantize)
         model.setup_caches(1)
         hidden = model.backbone_hidden(tokens[None], mask[None], torch.arange(5)[None])[:, -1]
         logits[quantize] = model.depth_logits(hidden, codes).float()
@@ -123,8 +122,8 @@ def test_quantized_models_stay_close_to_bf16(folder):
 
 def test_quantize_asks_for_a_known_format_in_bfloat16(folder):
     with pytest.raises(ValueError, match="unknown quantize='int3'"):
-        CSM.from_pretrained(folder, quantize="int3")
+        load_for_generation(folder, quantize="int3")
     with pytest.raises(ValueError, match="runs in bfloat16, not float32"):
-        CSM.from_pretrained(folder, quantize="int8", dtype=torch.float32)
+        load_for_generation(folder, quantize="int8", dtype=torch.float32)
     with pytest.raises(ValueError, match="quantized models run in bfloat16"):
         prepare(load_csm(folder), "int8")

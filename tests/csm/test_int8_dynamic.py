@@ -7,9 +7,10 @@ import gc
 import pytest
 import torch
 
+from csm.inference import quantized_linear
 from csm.int8_dynamic import DynamicInt8Linear, fbgemm_available
-from csm.model import CSM
-from csm.quantize import QuantizedWeight, concatenate, dequantize, quantize, quantized_linear, stored_format
+from csm.loading import load_for_generation
+from csm.quantize import QuantizedWeight, concatenate, dequantize, quantize, stored_format
 from tests.csm.test_inference import frames
 from tests.csm.test_model import text_prompt
 from tests.factories.csm import tiny_config, write_csm_checkpoint
@@ -127,7 +128,7 @@ def test_each_row_is_computed_as_if_alone(route, rows):
 def test_a_model_decodes_each_row_as_if_alone(tmp_path):
     """As `test_inference` checks for the weight-only modes: batched rows give the frames each
     gives alone, so the engine's requests do not depend on each other."""
-    model = CSM.from_pretrained(write_csm_checkpoint(tmp_path, tiny_config(), seed=3), quantize="int8-dynamic")
+    model = load_for_generation(write_csm_checkpoint(tmp_path, tiny_config(), seed=3), quantize="int8-dynamic")
     assert isinstance(model.decoder.layers[1].attn.qkv_proj.linear, DynamicInt8Linear)
     prompts = [text_prompt(6, seed=2), text_prompt(6, seed=3), text_prompt(6, seed=4)]
     alone = [frames(model, [prompt], seed=row) for row, prompt in enumerate(prompts)]

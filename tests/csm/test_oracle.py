@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from csm.model import CSM
+from csm.loading import load_for_generation
 from tests.factories.csm import random_state_dict, tiny_config, transformers_model, write_csm_checkpoint
 
 NUM_CODEBOOKS = 32
@@ -23,7 +23,7 @@ def oracle(config):
 @pytest.fixture(scope="module", params=["original", "transformers"])
 def ours(request, config, tmp_path_factory):
     folder = write_csm_checkpoint(tmp_path_factory.mktemp(request.param), config, layout=request.param, seed=0)
-    model = CSM.from_pretrained(folder)
+    model = load_for_generation(folder)
     model.setup_caches(1)
     return model
 

@@ -9,10 +9,9 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 
-from csm.checkpoints import load_csm
 from csm.errors import CheckpointError
 from csm.int8_dynamic import DynamicInt8Linear
-from csm.model import CSM
+from csm.loading import load_csm, load_for_generation
 from csm.quantized_checkpoint import save_quantized
 from tests.csm.test_inference import frames
 from tests.csm.test_model import text_prompt
@@ -42,9 +41,9 @@ def test_a_folder_loads_as_quantizing_at_load_does(original, quantized):
     assert stored["backbone.layers.0.attn.q_proj.qweight"].dtype == (torch.int8 if format == "int8" else torch.uint8)
     assert stored["audio_head"].dtype == torch.bfloat16 and "audio_head" in stored
     prompt = [text_prompt(5, seed=1)]
-    loaded = frames(CSM.from_pretrained(folder), prompt)
-    assert torch.equal(loaded, frames(CSM.from_pretrained(original, quantize=format), prompt))
-    assert torch.equal(frames(CSM.from_pretrained(folder, quantize=format), prompt), loaded)
+    loaded = frames(load_for_generation(folder), prompt)
+    assert torch.equal(loaded, frames(load_for_generation(original, quantize=format), prompt))
+    assert torch.equal(frames(load_for_generation(folder, quantize=format), prompt), loaded)
 
 
 def test_an_int8_folder_runs_as_int8_dynamic_too(original, quantized):
@@ -52,22 +51,22 @@ def test_an_int8_folder_runs_as_int8_dynamic_too(original, quantized):
     format, folder = quantized
     if format != "int8":
         with pytest.raises(ValueError, match="load it with quantize=None or 'int4'"):
-            CSM.from_pretrained(folder, quantize="int8-dynamic")
+            load_for_generation(folder, quantize="int8-dynamic")
         return
-    model = CSM.from_pretrained(folder, quantize="int8-dynamic")
+    model = load_for_generation(folder, quantize="int8-dynamic")
     assert isinstance(model.decoder.layers[0].mlp.w2, DynamicInt8Linear)
     assert isinstance(model.backbone.layers[1].attn.qkv_proj.linear, DynamicInt8Linear)
     # Two rows at once, as the engine runs them; equal to quantizing the original at load.
     prompts = [text_prompt(5, seed=1), text_prompt(5, seed=2)]
     loaded = frames(model, prompts)
     assert loaded.shape[0] == 2
-    assert torch.equal(loaded, frames(CSM.from_pretrained(original, quantize="int8-dynamic"), prompts))
+    assert torch.equal(loaded, frames(load_for_generation(original, quantize="int8-dynamic"), prompts))
 
 
 def test_the_embedding_tables_stay_in_the_file(quantized):
     """Mapped, not read: only the rows a step gathers become resident."""
     _, folder = quantized
-    model = CSM.from_pretrained(folder)
+    model = load_for_generation(folder)
     path = str((folder / "model.safetensors").resolve())
     regions = [
         [int(bound, 16) for bound in line.split()[0].split("-")]
@@ -100,7 +99,7 @@ def test_offline_from_the_hub_cache(monkeypatch, tmp_path, quantized):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = CSM.from_pretrained("someone/csm-1b-q")
+    model = load_for_generation("someone/csm-1b-q")
     assert model.decoder.layers[0].mlp.w2.format == format
 
 
@@ -109,9 +108,9 @@ def test_a_folder_is_loaded_only_as_what_it_is(quantized):
     others = ["int4"] if format == "int8" else ["int8", "int8-dynamic"]
     for other in others:
         with pytest.raises(ValueError, match=f"is quantized to {format}"):
-            CSM.from_pretrained(folder, quantize=other)
+            load_for_generation(folder, quantize=other)
     with pytest.raises(ValueError, match=f"is quantized to {format}"):
-        CSM.from_pretrained(folder, dtype=torch.float32)
+        load_for_generation(folder, dtype=torch.float32)
     with pytest.raises(CheckpointError, match="has no plain weights"):
         load_csm(folder)
 
@@ -138,29 +137,29 @@ def test_bad_files_are_named(tmp_path, quantized):
         del tensors[f"{name}.scales"]
 
     with pytest.raises(CheckpointError, match=f"missing keys: {name}.scales"):
-        CSM.from_pretrained(broken_copy(folder, tmp_path / "a", change_tensors=drop_scales))
+        load_for_generation(broken_copy(folder, tmp_path / "a", change_tensors=drop_scales))
 
     def wrong_dtype(tensors):
         tensors[f"{name}.qweight"] = tensors[f"{name}.qweight"].to(torch.int16)
 
     with pytest.raises(CheckpointError, match=f"{name}.qweight is torch.int16"):
-        CSM.from_pretrained(broken_copy(folder, tmp_path / "b", change_tensors=wrong_dtype))
+        load_for_generation(broken_copy(folder, tmp_path / "b", change_tensors=wrong_dtype))
 
     def other_format(config):
         config["quantization"]["format"] = "int8" if format == "int4" else "int4"
         config["quantization"]["group_size"] = 64
 
     with pytest.raises(CheckpointError, match="does not fit its int"):
-        CSM.from_pretrained(broken_copy(folder, tmp_path / "c", change_config=other_format))
+        load_for_generation(broken_copy(folder, tmp_path / "c", change_config=other_format))
 
     def unknown_format(config):
         config["quantization"] = {"format": "nf4"}
 
     with pytest.raises(CheckpointError, match="unknown quantization"):
-        CSM.from_pretrained(broken_copy(folder, tmp_path / "d", change_config=unknown_format))
+        load_for_generation(broken_copy(folder, tmp_path / "d", change_config=unknown_format))
 
     data = (folder / "model.safetensors").read_bytes()
     truncated = broken_copy(folder, tmp_path / "e")
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        CSM.from_pretrained(truncated)
+        load_for_generation(truncated)

@@ -2,7 +2,7 @@
 
     config = tiny_config()
     folder = write_csm_checkpoint(tmp_path / "csm", config, layout="original", seed=0)
-    model = CSM.from_pretrained(folder)
+    model = load_for_generation(folder)
 
 Layouts: "original" (model.safetensors + config.json), "ckpt" (ckpt.pt + config.json) and
 "transformers" (what `CsmForConditionalGeneration.save_pretrained` writes, with a tiny Mimi as

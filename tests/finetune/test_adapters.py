@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from csm.checkpoints import load_csm
+from csm.adapters import load_adapter, save_adapter
 from csm.errors import CheckpointError
-from csm.finetune.adapters import apply_adapter, load_adapter, save_adapter
 from csm.finetune.batches import collate
-from csm.finetune.lora import DEFAULT_TARGETS, HEAD_TARGETS, add_lora
+from csm.finetune.lora import DEFAULT_TARGETS, HEAD_TARGETS, add_lora, apply_adapter, lora_weights
 from csm.finetune.loss import loss_terms
 from csm.finetune.merge import merge
+from csm.loading import load_csm
 from tests.factories.csm import random_state_dict, tiny_config, transformers_model, write_csm_checkpoint
 from tests.finetune.test_loss_oracle import conversation, oracle_inputs
 
@@ -74,7 +74,7 @@ def test_our_adapter_loads_in_peft_with_equal_logits(checkpoint, their_base, bat
     ours = load_csm(checkpoint)
     add_lora(ours, DEFAULT_TARGETS + HEAD_TARGETS, rank=4, alpha=8)
     randomized(ours, seed=1)
-    save_adapter(ours, tmp_path, rank=4, alpha=8, base_model=str(checkpoint))
+    save_adapter(lora_weights(ours), ours.config, tmp_path, rank=4, alpha=8, base_model=str(checkpoint))
     theirs = PeftModel.from_pretrained(copy.deepcopy(their_base), tmp_path).eval()
     logits, loss = our_outputs(ours, batch)
     their_logits, their_loss = their_outputs(theirs, batch)
@@ -132,7 +132,7 @@ def test_mismatched_adapters_name_the_modules(config, checkpoint, tmp_path):
     ours = load_csm(checkpoint)
     add_lora(ours, ["q_proj", "w2"], rank=2, alpha=2)
     randomized(ours, seed=2)
-    save_adapter(ours, tmp_path, rank=2, alpha=2, base_model=None)
+    save_adapter(lora_weights(ours), ours.config, tmp_path, rank=2, alpha=2, base_model=None)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = "base_model.model.backbone_model.layers.1.mlp.down_proj.lora_B.weight"
     tensors[key] = torch.ones(tensors[key].shape[0] + 1, 2)

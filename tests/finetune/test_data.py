@@ -9,7 +9,7 @@ import torch
 
 from csm.audio import save_audio
 from csm.finetune.batches import bucket, collate, decoder_frame_count
-from csm.finetune.codes import CodeCache
+from csm.finetune.codes import AudioFileCodeCache
 from csm.finetune.data import DataError
 from csm.finetune.dataset import prepare
 from csm.finetune.loss import loss_terms
@@ -22,7 +22,7 @@ from tests.product.conftest import speech_like
 
 @pytest.fixture(scope="module")
 def cache(assets):
-    return CodeCache(Mimi.from_pretrained(assets.mimi), assets.codes)
+    return AudioFileCodeCache(Mimi.from_pretrained(assets.mimi), assets.codes)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 import csm
 from csm.cli import main
 from csm.errors import CheckpointError
-from csm.finetune import train
-from csm.finetune.codes import CodeCache
+from csm.finetune import trainer
+from csm.finetune.codes import AudioFileCodeCache
 from csm.generator import Generator
+from csm.loading import load_for_generation
 from csm.mimi import Mimi
-from csm.model import CSM
 from csm.text import audio_frames, load_tokenizer, text_frames
 from tests.finetune.conftest import TEXTS, sources
 
@@ -23,7 +23,7 @@ def read_log(folder):
 
 
 def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_path):
-    output = csm.finetune(
+    output = csm.finetune.train(
         assets.manifest,
         tmp_path / "out",
         **sources(assets),
@@ -38,9 +38,9 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
     assert log[-1]["loss"] < 0.1 * log[0]["loss"]
     assert all(key in log[0] for key in ("backbone_loss", "decoder_loss", "lr", "tokens_per_second", "memory_mb"))
 
-    model = CSM.from_pretrained(assets.model, adapter=output)
+    model = load_for_generation(assets.model, adapter=output)
     tokenizer = load_tokenizer(model_source=assets.model)
-    codes = CodeCache(Mimi.from_pretrained(assets.mimi), assets.codes).codes(assets.clips / "clip1.wav")
+    codes = AudioFileCodeCache(Mimi.from_pretrained(assets.mimi), assets.codes).codes(assets.clips / "clip1.wav")
     # The second conversation: clip1 said by speaker 0, no context.
     tokens, mask = text_frames(tokenizer, TEXTS[1], 0)
     model.setup_caches(1)
@@ -55,14 +55,14 @@ def test_overfits_two_conversations_then_speaks_their_first_frames(assets, tmp_p
 
 
 def interrupt_at(monkeypatch, step):
-    original = train._Trainer._step
+    original = trainer._Trainer._step
 
-    def step_or_interrupt(trainer):
-        if trainer.position.step == step:
+    def step_or_interrupt(running):
+        if running.position.step == step:
             raise KeyboardInterrupt
-        return original(trainer)
+        return original(running)
 
-    monkeypatch.setattr(train._Trainer, "_step", step_or_interrupt)
+    monkeypatch.setattr(trainer._Trainer, "_step", step_or_interrupt)
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, monkeypatch):
@@ -76,13 +76,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, mo
         "warmup": 2,
         "weight_decay": 0.01,
     }
-    straight = csm.finetune(assets.manifest, tmp_path / "straight", **options)
+    straight = csm.finetune.train(assets.manifest, tmp_path / "straight", **options)
 
     interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        csm.finetune(assets.manifest, tmp_path / "resumed", **options)
+        csm.finetune.train(assets.manifest, tmp_path / "resumed", **options)
     monkeypatch.undo()
-    resumed = csm.finetune(assets.manifest, tmp_path / "resumed", **options, resume=tmp_path / "resumed" / "checkpoint")
+    resumed = csm.finetune.train(
+        assets.manifest, tmp_path / "resumed", **options, resume=tmp_path / "resumed" / "checkpoint"
+    )
 
     expected, got = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
@@ -90,8 +92,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_exactly(assets, tmp_path, mo
     assert [record["loss"] for record in read_log(resumed)] == [record["loss"] for record in read_log(straight)]
 
     with pytest.raises(CheckpointError, match="other settings of batch_frames, seed"):
-        csm.finetune(assets.manifest, tmp_path / "other", **{**options, "batch_frames": 40, "seed": 1},
-                     resume=resumed / "checkpoint")  # fmt: skip
+        csm.finetune.train(assets.manifest, tmp_path / "other", **{**options, "batch_frames": 40, "seed": 1},
+                           resume=resumed / "checkpoint")  # fmt: skip
 
 
 def cli_sources(assets) -> list[str]:
@@ -133,7 +135,7 @@ def test_cli_data_errors_are_one_line(assets, tmp_path, capsys):
 def test_generator_samples_leave_the_model_cache_free(assets, tmp_path):
     from csm.finetune.evaluate import inference_caches
 
-    model = CSM.from_pretrained(assets.model)
+    model = load_for_generation(assets.model)
     with inference_caches(model):
         Generator(model, Mimi.from_pretrained(assets.mimi), load_tokenizer(model_source=assets.model))
         assert model.cache_rows == 1
@@ -143,7 +145,7 @@ def test_generator_samples_leave_the_model_cache_free(assets, tmp_path):
 def test_a_quantized_model_is_refused_with_what_to_do(assets, tmp_path, capsys):
     """Quantized (QLoRA-style) training is not supported: a `csm quantize` folder as the base
     model fails in one line that says what to do."""
-    from csm.checkpoints import load_csm
+    from csm.loading import load_csm
     from csm.quantized_checkpoint import save_quantized
 
     quantized = save_quantized(load_csm(assets.model), tmp_path / "int8", "int8", source=assets.model)

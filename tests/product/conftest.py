@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from csm.audio import save_audio
 from csm.generator import Generator
+from csm.loading import load_for_generation
 from csm.mimi import Mimi
-from csm.model import CSM
 from csm.text import load_tokenizer
 from csm.watermark import Watermarker
 from tests.factories.csm import random_state_dict, tiny_config
@@ -89,7 +89,7 @@ def watermarker(assets) -> Watermarker:
 @pytest.fixture(scope="session")
 def parts(assets, mimi):
     """The model and tokenizer shared by the generators of the tests."""
-    model = CSM.from_pretrained(assets.model, dtype=torch.float32)
+    model = load_for_generation(assets.model, dtype=torch.float32)
     return model, load_tokenizer(model_source=assets.model)
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from csm.model import CSM
+from csm.loading import load_for_generation
 from csm.quality import (
     ScoredSequence,
     compare,
@@ -117,9 +117,9 @@ def test_without_built_in_voices_the_prompt_is_synthetic(tmp_path):
 def test_both_int8_modes_are_scored_and_weight_only_is_nearer(assets, sequence):
     """What `csm bench --quality` reports for the two int8 modes: int8-dynamic also rounds the
     activations, so it moves the predictions more than weight-only int8, and both stay near bf16."""
-    reference = teacher_forced_logits(CSM.from_pretrained(assets.model, dtype=torch.bfloat16), sequence)
+    reference = teacher_forced_logits(load_for_generation(assets.model, dtype=torch.bfloat16), sequence)
     scores = {
-        mode: compare(reference, teacher_forced_logits(CSM.from_pretrained(assets.model, quantize=mode), sequence))
+        mode: compare(reference, teacher_forced_logits(load_for_generation(assets.model, quantize=mode), sequence))
         for mode in ("int8", "int8-dynamic")
     }
     # Measured on this tiny model: KL 1.6e-4 and 3.2e-4, top-1 94.5% and 93.8%.

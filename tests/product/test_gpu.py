@@ -6,7 +6,7 @@ import torch
 
 from csm import Generator
 from csm.engine import Engine, Request
-from csm.model import CSM
+from csm.loading import load_for_generation
 from csm.text import load_tokenizer
 from tests.server.conftest import start_server
 
@@ -21,7 +21,7 @@ def test_the_engine_runs_rows_together_on_cuda(assets, quantize, compile):
     gets its frames of finite audio."""
     from csm.mimi import Mimi
 
-    model = CSM.from_pretrained(assets.model, device="cuda", dtype=torch.bfloat16, quantize=quantize, compile=compile)
+    model = load_for_generation(assets.model, device="cuda", dtype=torch.bfloat16, quantize=quantize, compile=compile)
     mimi = Mimi.from_pretrained(assets.mimi, device="cuda")
     generator = Generator(model, mimi, load_tokenizer(model_source=assets.model))
     requests = [Request(f"Line number {i}.", i % 2, (), 320, seed=i) for i in range(3)]

@@ -145,7 +145,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from csm.finetune import FinetuneOptions
-    from csm.finetune.train import run
+    from csm.finetune.trainer import run
 
     run(FinetuneOptions(**{field.name: getattr(args, field.name) for field in fields(FinetuneOptions)}))
     print(f"csm: fine-tuned into {args.output}", file=sys.stderr)

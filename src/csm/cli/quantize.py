@@ -32,7 +32,7 @@ def add_commands(commands) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from csm.checkpoints import load_csm
+    from csm.loading import load_csm
     from csm.quantized_checkpoint import WEIGHTS_FILE, save_quantized
 
     if args.output.exists() and any(args.output.iterdir()):

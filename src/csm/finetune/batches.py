@@ -17,7 +17,9 @@ from csm.finetune.sequences import Example
 
 
 @dataclass(frozen=True)
-class Batch:
+class TrainingBatch:
+    """A batch of training sequences: frames, their mask and positions, and which frames each loss reads."""
+
     tokens: torch.Tensor  # [B, S, 33] int64
     mask: torch.Tensor  # [B, S, 33] bool
     positions: torch.Tensor  # [B, S] int64
@@ -30,8 +32,8 @@ class Batch:
     def num_positions(self) -> int:
         return self.tokens.shape[0] * self.tokens.shape[1]
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
+    def to(self, device: torch.device) -> TrainingBatch:
+        return TrainingBatch(
             self.tokens.to(device),
             self.mask.to(device),
             self.positions.to(device),
@@ -72,7 +74,7 @@ def select_decoder_frames(example: Example, ratio: float, generator: torch.Gener
     return torch.cat([frames[end], picked]).sort().values
 
 
-def collate(examples: Sequence[Example], ratio: float, generator: torch.Generator | None) -> Batch:
+def collate(examples: Sequence[Example], ratio: float, generator: torch.Generator | None) -> TrainingBatch:
     """Right-pad `examples` to the longest; padded positions come after every real one, so the
     causal mask keeps them out of sight, and they are never targets."""
     length = max(len(example) for example in examples)
@@ -87,4 +89,6 @@ def collate(examples: Sequence[Example], ratio: float, generator: torch.Generato
         chosen = select_decoder_frames(example, ratio, generator)
         decoder_frames.append(torch.stack([torch.full_like(chosen, row), chosen]))
     positions = torch.arange(length).expand(len(examples), -1).contiguous()
-    return Batch(tokens, mask, positions, tuple(torch.cat(frames, dim=1)), tuple(torch.cat(decoder_frames, dim=1)))
+    return TrainingBatch(
+        tokens, mask, positions, tuple(torch.cat(frames, dim=1)), tuple(torch.cat(decoder_frames, dim=1))
+    )

@@ -28,8 +28,8 @@ def default_cache_dir() -> Path:
     return Path(root) / "csm" / "codes"
 
 
-class CodeCache:
-    """Codes [32, T] (int64) of audio files, from `folder` when known, else encoded by `mimi`."""
+class AudioFileCodeCache:
+    """Mimi codes [32, T] (int64) of audio files, kept on disk in `folder` by content, encoded by `mimi` when new."""
 
     def __init__(self, mimi: Mimi, folder: Path | None = None) -> None:
         self.mimi = mimi
@@ -62,7 +62,7 @@ class CodeCache:
 
 
 def encode_dataset(
-    conversations: Sequence[Conversation], cache: CodeCache, handle: Report, *, desc: str = "encoding audio"
+    conversations: Sequence[Conversation], cache: AudioFileCodeCache, handle: Report, *, desc: str = "encoding audio"
 ) -> list[tuple[Conversation, list[torch.Tensor]]]:
     """Each usable conversation with the codes of its segments; broken audio goes to `handle`.
 
@@ -82,7 +82,7 @@ def encode_dataset(
     return encoded
 
 
-def _segment_codes(cache: CodeCache, conversation: Conversation, index: int, bar: tqdm) -> torch.Tensor:
+def _segment_codes(cache: AudioFileCodeCache, conversation: Conversation, index: int, bar: tqdm) -> torch.Tensor:
     audio = conversation.segments[index].audio
     fresh = not cache.is_cached(audio)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from csm.finetune.codes import CodeCache, encode_dataset
+from csm.finetune.codes import AudioFileCodeCache, encode_dataset
 from csm.finetune.data import Conversation, DataError, problem_handler, read_dataset
 from csm.finetune.sequences import Example, build_examples
 
@@ -21,7 +21,7 @@ class Prepared:
 
 def prepare(
     path: str | Path,
-    cache: CodeCache,
+    cache: AudioFileCodeCache,
     tokenizer,
     max_positions: int,
     on_error: str = "fail",

@@ -3,6 +3,8 @@
 `add_lora` swaps the targeted `nn.Linear` modules of a CSM for `LoRALinear`, which keeps the
 frozen `weight` under the same name (so the state dict stays an original-layout checkpoint
 plus `lora_A` / `lora_B`), and `merge_lora` folds the updates back into plain linears.
+`lora_weights` and `apply_adapter` move the updates out to and back from the PEFT adapter
+format of `csm.adapters`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csm.adapters import LoRAWeights
+from csm.errors import CheckpointError
 from csm.model import CSM
+from csm.weights import some_names
 
 # Module names inside each decoder layer; "heads" adds codebook0_head and projection.
 LAYER_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
@@ -85,6 +90,28 @@ def add_lora(
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def lora_weights(model: nn.Module) -> dict[str, LoRAWeights]:
+    """The updates of the model's LoRA modules, by module name (what `csm.adapters.save_adapter` writes)."""
+    return {
+        name: LoRAWeights(module.lora_A, module.lora_B, module.scaling) for name, module in lora_modules(model).items()
+    }
+
+
+def apply_adapter(model: nn.Module, adapter: dict[str, LoRAWeights]) -> None:
+    """Put an adapter (`csm.adapters.load_adapter`) into the LoRA modules of a model made by
+    `add_lora` with the same targets."""
+    modules = lora_modules(model)
+    missing = sorted(set(adapter) - set(modules))
+    if missing:
+        raise CheckpointError(f"the adapter has modules the model has no LoRA for: {some_names(missing)}")
+    with torch.no_grad():
+        for name, weights in adapter.items():
+            module = modules[name]
+            module.lora_A.copy_(weights.A)
+            module.lora_B.copy_(weights.B)
+            module.scaling = weights.scaling
 
 
 def merge_lora(model: nn.Module) -> None:

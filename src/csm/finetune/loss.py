@@ -3,7 +3,7 @@
 - Backbone term: cross-entropy of codebook 0 of every trained frame (end-of-audio frames
   included), each predicted from the backbone's hidden state at the previous position.
 - Depth-decoder term: cross-entropy of codebooks 1..31 of the selected frames
-  (`Batch.decoder_frames`), with the inference inputs `[h_{t-1}, c0 .. c30]`.
+  (`TrainingBatch.decoder_frames`), with the inference inputs `[h_{t-1}, c0 .. c30]`.
 Each term is a sum over its tokens here; dividing by the token count of the whole
 optimizer step (`LossTerms.loss`) makes it a per-token mean that does not depend on batch
 size or gradient accumulation. It runs the model's cache-free causal forward: the model
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from csm.finetune.batches import Batch
+from csm.finetune.batches import TrainingBatch
 from csm.model import CSM
 
 
@@ -35,12 +35,12 @@ class LossTerms:
         return c0_weight * self.backbone_sum / backbone_tokens + decoder_weight * self.decoder_sum / decoder_tokens
 
 
-def token_counts(batch: Batch, num_codebooks: int) -> tuple[int, int]:
+def token_counts(batch: TrainingBatch, num_codebooks: int) -> tuple[int, int]:
     """(codebook-0 tokens, depth-decoder tokens) of a batch."""
     return batch.frames[0].numel(), batch.decoder_frames[0].numel() * (num_codebooks - 1)
 
 
-def loss_terms(model: CSM, batch: Batch) -> LossTerms:
+def loss_terms(model: CSM, batch: TrainingBatch) -> LossTerms:
     """Both loss terms of `batch` as sums over their tokens."""
     hidden = model.backbone(model.embed(batch.tokens, batch.mask), batch.positions)
     rows, positions = batch.frames

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import save_file
 
 from csm import hub
-from csm.checkpoints import WEIGHT_FILES, load_csm
-from csm.llama import LlamaConfig
-from csm.model import CSM, CSMConfig
+from csm.checkpoints import WEIGHT_FILES
+from csm.layouts import CODEC_PREFIX, to_transformers_layout
+from csm.loading import load_csm
+from csm.transformers_config import transformers_config
 from csm.weights import read_checkpoint, shard_finder
 
 LAYOUTS = ("original", "transformers")
-_CODEC_PREFIX = "codec_model."
 
 
 def merge(
@@ -39,7 +39,7 @@ def merge(
         )
         (output / "config.json").write_text(json.dumps(merged.config.to_dict()))
     else:
-        tensors = transformers_tensors(merged)
+        tensors = to_transformers_layout(merged.state_dict(), merged.config)
         tensors.update(_codec_tensors(model, codec))
         save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
         (output / "config.json").write_text(
@@ -48,97 +48,9 @@ def merge(
     return output / "model.safetensors"
 
 
-def transformers_tensors(model: CSM) -> dict[str, torch.Tensor]:
-    """The model's weights under transformers' names, q/k rows in rotate-half order."""
-    from csm.finetune.adapters import qk_heads, rotate_half_rows, transformers_module_name
-
-    top = {
-        "text_embeddings.weight": "embed_text_tokens.weight",
-        "audio_embeddings.weight": "backbone_model.embed_tokens.embed_audio_tokens.weight",
-        "audio_head": "depth_decoder.codebooks_head.weight",
-        "backbone.norm.scale": "backbone_model.norm.weight",
-        "decoder.norm.scale": "depth_decoder.model.norm.weight",
-    }
-    norms = {"sa_norm.scale": "input_layernorm.weight", "mlp_norm.scale": "post_attention_layernorm.weight"}
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.contiguous()
-        if name in top:
-            tensors[top[name]] = tensor
-            continue
-        module, _, kind = name.rpartition(".")
-        stack, _, rest = name.partition(".layers.")
-        index, _, part = rest.partition(".")
-        if part in norms:
-            prefix = "backbone_model" if stack == "backbone" else "depth_decoder.model"
-            tensors[f"{prefix}.layers.{index}.{norms[part]}"] = tensor
-            continue
-        heads = qk_heads(model.config, module)
-        tensors[f"{transformers_module_name(module)}.{kind}"] = (
-            tensor if heads is None else rotate_half_rows(tensor, heads).contiguous()
-        )
-    # transformers keeps the tied copy too; safetensors wants it in its own storage.
-    tensors["depth_decoder.model.embed_tokens.weight"] = tensors[
-        "backbone_model.embed_tokens.embed_audio_tokens.weight"
-    ].clone()
-    return tensors
-
-
-def transformers_config(config: CSMConfig, codec_config: dict) -> dict:
-    """A transformers CsmConfig as JSON, equivalent to `config`."""
-    backbone, decoder = config.backbone, config.decoder
-    return {
-        "model_type": "csm",
-        "architectures": ["CsmForConditionalGeneration"],
-        "num_codebooks": config.audio_num_codebooks,
-        "vocab_size": config.audio_vocab_size,
-        "text_vocab_size": config.text_vocab_size,
-        "max_position_embeddings": backbone.max_seq_len,
-        "codebook_eos_token_id": 0,
-        "codebook_pad_token_id": config.audio_vocab_size - 1,
-        "tie_codebooks_embeddings": True,
-        "codec_config": codec_config,
-        "depth_decoder_config": {
-            "model_type": "csm_depth_decoder_model",
-            "num_codebooks": config.audio_num_codebooks,
-            "backbone_hidden_size": backbone.dim,
-            "vocab_size": config.audio_vocab_size,
-            "max_position_embeddings": config.audio_num_codebooks + 1,
-            **_llama_fields(decoder, config.audio_num_codebooks + 1),
-        },
-        **_llama_fields(backbone, backbone.max_seq_len),
-    }
-
-
-def _llama_fields(llama: LlamaConfig, max_positions: int) -> dict:
-    # transformers bounds the scaled band by original_max / low and original_max / high; with
-    # original_max = max_positions // 2 these are the original's old_context / low, / high.
-    original_max = max_positions // 2
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": llama.rope_base,
-        "factor": llama.rope_scale_factor,
-        "low_freq_factor": original_max * llama.rope_low_freq_factor / llama.rope_old_context_len,
-        "high_freq_factor": original_max * llama.rope_high_freq_factor / llama.rope_old_context_len,
-        "original_max_position_embeddings": original_max,
-    }
-    return {
-        "hidden_size": llama.dim,
-        "intermediate_size": llama.ffn_dim,
-        "num_hidden_layers": llama.num_layers,
-        "num_attention_heads": llama.num_heads,
-        "num_key_value_heads": llama.num_kv_heads,
-        "head_dim": llama.head_dim,
-        "rms_norm_eps": llama.norm_eps,
-        "rope_parameters": rope,
-        "rope_theta": llama.rope_base,
-        "rope_scaling": rope,
-    }
-
-
 def _model_stored(model: hub.Source):
     path = hub.resolve_file(model, WEIGHT_FILES)
-    return path, read_checkpoint(path, shard_finder(model, None), prefix=_CODEC_PREFIX)
+    return path, read_checkpoint(path, shard_finder(model, None), prefix=CODEC_PREFIX)
 
 
 def _codec_tensors(model: hub.Source, codec: hub.Source) -> dict[str, torch.Tensor]:
@@ -146,7 +58,7 @@ def _codec_tensors(model: hub.Source, codec: hub.Source) -> dict[str, torch.Tens
     if bundled:
         return {name: tensor.read() for name, tensor in bundled.items()}
     path = hub.resolve_file(codec, ["model.safetensors"])
-    return {f"{_CODEC_PREFIX}{name}": tensor.read() for name, tensor in read_checkpoint(path).items()}
+    return {f"{CODEC_PREFIX}{name}": tensor.read() for name, tensor in read_checkpoint(path).items()}
 
 
 def _codec_config(model: hub.Source, codec: hub.Source) -> dict:

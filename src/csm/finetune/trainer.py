@@ -23,18 +23,18 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from csm.checkpoints import load_csm
+from csm.adapters import save_adapter
 from csm.devices import default_device, parse_device, parse_dtype
-from csm.finetune.adapters import save_adapter
-from csm.finetune.batches import Batch, bucket, collate
-from csm.finetune.codes import CodeCache
+from csm.finetune.batches import TrainingBatch, bucket, collate
+from csm.finetune.codes import AudioFileCodeCache
 from csm.finetune.dataset import Prepared, prepare, split_off
 from csm.finetune.evaluate import EvalResult, eval_loss, inference_caches, write_samples
-from csm.finetune.lora import add_lora
+from csm.finetune.lora import add_lora, lora_weights
 from csm.finetune.loss import loss_terms, token_counts
 from csm.finetune.options import FinetuneOptions
 from csm.finetune.resume import Position, load_checkpoint, save_checkpoint
 from csm.generator import Generator
+from csm.loading import load_csm
 from csm.mimi import Mimi
 from csm.model import CSM
 from csm.text import load_tokenizer
@@ -50,7 +50,7 @@ LOG = "train_log.jsonl"
 SAMPLES = "samples"
 
 
-def finetune(data: str | Path, output: str | Path, **options) -> Path:
+def train(data: str | Path, output: str | Path, **options) -> Path:
     """Fine-tune CSM on `data` (a JSONL manifest or a folder of clips) into `output`.
 
     The keywords are the fields of `FinetuneOptions` (the options of `csm finetune`). LoRA
@@ -68,7 +68,7 @@ def run(options: FinetuneOptions) -> None:
     mimi = Mimi.from_pretrained(options.mimi, device=device)
     tokenizer = load_tokenizer(options.tokenizer, model_source=options.model)
     model = _load_model(options, device)
-    cache = CodeCache(mimi, options.cache_dir)
+    cache = AudioFileCodeCache(mimi, options.cache_dir)
     train_data, eval_data = _datasets(options, cache, tokenizer, model.max_seq_len)
     trainer = _Trainer(options, model, train_data, eval_data, device, output)
     if eval_data is not None and options.samples:
@@ -198,7 +198,7 @@ class _Trainer:
             "memory_mb": _peak_memory_mb(self.device),
         }
 
-    def _step_batches(self, epoch: int, epoch_step: int) -> list[Batch]:
+    def _step_batches(self, epoch: int, epoch_step: int) -> list[TrainingBatch]:
         lengths = [len(example) for example in self.examples]
         groups = bucket(lengths, self.options.batch_frames, torch.Generator().manual_seed(self.options.seed + epoch))
         accum = self.options.grad_accum
@@ -292,4 +292,7 @@ def _save_result(options: FinetuneOptions, model: CSM, tokenizer, output: Path) 
         (output / "config.json").write_text(json.dumps(model.config.to_dict()))
         tokenizer.save(str(output / "tokenizer.json"))
     else:
-        save_adapter(model, output, rank=options.lora_rank, alpha=options.alpha, base_model=options.model)
+        adapter = lora_weights(model)
+        save_adapter(
+            adapter, model.config, output, rank=options.lora_rank, alpha=options.alpha, base_model=options.model
+        )

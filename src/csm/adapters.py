@@ -1,11 +1,14 @@
-"""LoRA adapters in the PEFT format, under the module names of transformers' CSM.
+"""LoRA adapters in the PEFT format, under the module names of transformers' CSM: read, merged, written.
 
 An adapter folder holds `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`
 and `.lora_B.weight`) and `adapter_config.json`, with `<module>` named as in transformers'
 `CsmForConditionalGeneration` (`backbone_model.layers.N.self_attn.q_proj`, `lm_head`, ...).
 So PEFT on transformers loads ours, and we load theirs. transformers stores the q/k rows of
 each head permuted for rotate-half RoPE; an adapter's lora_B rows follow its weight's rows,
-so they are permuted the same way on the way out and back on the way in.
+so they are permuted the same way on the way out and back on the way in (`csm.layouts`).
+
+Inference merges an adapter into the weights as they load (`csm.checkpoints`); fine-tuning
+writes its LoRA modules out and puts an adapter back into them (`csm.finetune.lora`).
 
 Adapters made with PEFT on transformers' CSM by matching module suffixes also wrap the
 layers of the bundled Mimi (`codec_model.*`). Training never reaches them (the codec runs
@@ -26,27 +29,20 @@ from safetensors.torch import save_file
 
 from csm import hub
 from csm.errors import CheckpointError
-from csm.finetune.lora import LoRALinear, lora_modules
+from csm.layouts import (
+    CODEC_PREFIX,
+    from_rotate_half,
+    original_linear_name,
+    qk_heads,
+    to_rotate_half,
+    transformers_linear_name,
+)
 from csm.model import CSMConfig
 from csm.weights import StoredTensor, read_checkpoint, some_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
-_CODEC_PREFIX = "codec_model."
-_TOP_LEVEL = {"codebook0_head": "lm_head", "projection": "depth_decoder.model.inputs_embeds_projector"}
-_STACKS = {"backbone": "backbone_model", "decoder": "depth_decoder.model"}
-_PARTS = {
-    "attn.q_proj": "self_attn.q_proj",
-    "attn.k_proj": "self_attn.k_proj",
-    "attn.v_proj": "self_attn.v_proj",
-    "attn.output_proj": "self_attn.o_proj",
-    "mlp.w1": "mlp.gate_proj",
-    "mlp.w2": "mlp.down_proj",
-    "mlp.w3": "mlp.up_proj",
-}
-_OURS = re.compile(r"(backbone|decoder)\.layers\.(\d+)\.(.+)")
-_THEIRS = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(.+)")
 
 
 @dataclass(frozen=True)
@@ -61,43 +57,25 @@ class LoRAWeights:
         return (self.B.float() @ self.A.float()) * self.scaling
 
 
-def transformers_module_name(name: str) -> str:
-    """Our module name (`backbone.layers.0.attn.q_proj`) as transformers' CSM names it."""
-    if name in _TOP_LEVEL:
-        return _TOP_LEVEL[name]
-    match = _OURS.fullmatch(name)
-    if match is None or match.group(3) not in _PARTS:
-        raise CheckpointError(f"module {name} has no transformers name")
-    stack, index, part = match.groups()
-    return f"{_STACKS[stack]}.layers.{index}.{_PARTS[part]}"
-
-
-def our_module_name(name: str) -> str | None:
-    """transformers' module name as ours; None when CSM has no such linear."""
-    for ours, theirs in _TOP_LEVEL.items():
-        if name == theirs:
-            return ours
-    match = _THEIRS.fullmatch(name)
-    if match is None:
-        return None
-    stack, index, part = match.groups()
-    ours = {theirs: ours for ours, theirs in _PARTS.items()}.get(part)
-    stack = "backbone" if stack == "backbone_model" else "decoder"
-    return None if ours is None else f"{stack}.layers.{index}.{ours}"
-
-
-def save_adapter(model: torch.nn.Module, folder: Path, *, rank: int, alpha: float, base_model: str | None) -> None:
-    """Write the model's LoRA modules as a PEFT adapter folder."""
+def save_adapter(
+    adapter: dict[str, LoRAWeights],
+    config: CSMConfig,
+    folder: Path,
+    *,
+    rank: int,
+    alpha: float,
+    base_model: str | None,
+) -> None:
+    """Write LoRA updates (by our module name) as a PEFT adapter folder for a CSM of `config`."""
     folder.mkdir(parents=True, exist_ok=True)
-    modules = lora_modules(model)
     tensors, names = {}, []
-    for name, module in modules.items():
-        theirs = transformers_module_name(name)
+    for name, weights in adapter.items():
+        theirs = transformers_linear_name(name)
         names.append(theirs)
-        heads = qk_heads(model.config, name)
-        tensors[f"{_PREFIX}{theirs}.lora_A.weight"] = module.lora_A.detach().float().cpu().contiguous()
-        B = module.lora_B.detach().float().cpu()
-        tensors[f"{_PREFIX}{theirs}.lora_B.weight"] = (B if heads is None else rotate_half_rows(B, heads)).contiguous()
+        heads = qk_heads(config, name)
+        tensors[f"{_PREFIX}{theirs}.lora_A.weight"] = weights.A.detach().float().cpu().contiguous()
+        B = weights.B.detach().float().cpu()
+        tensors[f"{_PREFIX}{theirs}.lora_B.weight"] = (B if heads is None else to_rotate_half(B, heads)).contiguous()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -129,16 +107,16 @@ def load_adapter(source: hub.Source, config: CSMConfig, *, revision: str | None 
     pairs = _pairs(stored, weights_path)
     adapter, unknown = {}, []
     for theirs, (A, B) in sorted(pairs.items()):
-        ours = our_module_name(theirs)
+        ours = original_linear_name(theirs)
         if ours is None:
-            if theirs.startswith(_CODEC_PREFIX) and not B.read().any():
+            if theirs.startswith(CODEC_PREFIX) and not B.read().any():
                 continue  # never trained: see the module docstring
             unknown.append(theirs)
             continue
         A_tensor, B_tensor = A.read().float(), B.read().float()
         heads = qk_heads(config, ours)
         if heads is not None:
-            B_tensor = _interleaved_rows(B_tensor, heads)
+            B_tensor = from_rotate_half(B_tensor, heads)
         adapter[ours] = LoRAWeights(A_tensor, B_tensor, _scaling(settings, theirs, A_tensor.shape[0]))
     if unknown:
         raise CheckpointError(
@@ -173,20 +151,6 @@ def merged(stored: dict[str, StoredTensor], adapter: dict[str, LoRAWeights], whe
             base.shape, lambda base=base, weights=weights: base.read().float() + weights.delta()
         )
     return result
-
-
-def apply_adapter(model: torch.nn.Module, adapter: dict[str, LoRAWeights]) -> None:
-    """Put the adapter into the LoRA modules of a model made by `add_lora` with the same targets."""
-    modules = lora_modules(model)
-    missing = sorted(set(adapter) - set(modules))
-    if missing:
-        raise CheckpointError(f"the adapter has modules the model has no LoRA for: {some_names(missing)}")
-    with torch.no_grad():
-        for name, weights in adapter.items():
-            module: LoRALinear = modules[name]
-            module.lora_A.copy_(weights.A)
-            module.lora_B.copy_(weights.B)
-            module.scaling = weights.scaling
 
 
 def _read_settings(source: hub.Source, weights_path: Path, revision: str | None) -> dict:
@@ -232,21 +196,3 @@ def _scaling(settings: dict, module: str, rank: int) -> float:
         if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
             alpha = value
     return alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
-
-
-def qk_heads(config: CSMConfig, name: str) -> int | None:
-    match = _OURS.fullmatch(name)
-    if match is None:
-        return None
-    llama = config.backbone if match.group(1) == "backbone" else config.decoder
-    return {"attn.q_proj": llama.num_heads, "attn.k_proj": llama.num_kv_heads}.get(match.group(3))
-
-
-def rotate_half_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    count, width = rows.shape
-    return rows.view(heads, count // heads // 2, 2, width).transpose(1, 2).reshape(count, width)
-
-
-def _interleaved_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    count, width = rows.shape
-    return rows.view(heads, 2, count // heads // 2, width).transpose(1, 2).reshape(count, width)
