@@ -29,16 +29,7 @@ def tiny_mimi(seed: int = 0) -> Mimi:
 
 def alone(generator: Generator, request: Request) -> torch.Tensor:
     """What `generate_stream` gives for `request` by itself (the engine's chunks are not watermarked)."""
-    chunks = generator.generate_stream(
-        request.text,
-        request.speaker,
-        request.context,
-        request.max_audio_length_ms,
-        request.temperature,
-        request.topk,
-        seed=request.seed,
-    )
-    return torch.cat(list(chunks))
+    return torch.cat(list(generator.generate_stream(*request.arguments()[:-1], seed=request.seed)))
 
 
 def joined(handle) -> torch.Tensor:

@@ -130,15 +130,7 @@ class Engine:
         """
         if not isinstance(request, Request):
             raise ValueError(f"submit takes a csm.engine.Request, got {type(request).__name__}")  # noqa: TRY004
-        check_arguments(
-            request.text,
-            request.speaker,
-            request.context,
-            request.max_audio_length_ms,
-            request.temperature,
-            request.topk,
-            request.seed,
-        )
+        check_arguments(*request.arguments())
         stream = self._scheduler.enter(request, admission)
         self._preparer.submit(self._prepare, stream)
         return Handle(stream, self._generator.watermark)
@@ -164,15 +156,7 @@ class Engine:
         try:
             if stream.finished:
                 return
-            generator.check_request(
-                request.text,
-                request.speaker,
-                request.context,
-                request.max_audio_length_ms,
-                request.temperature,
-                request.topk,
-                request.seed,
-            )
+            generator.check_request(*request.arguments())
             prompt = generator.prompt(request.text, request.speaker, request.context)
             sampling = generator.sampling(request.max_audio_length_ms, request.temperature, request.topk, request.seed)
             if request.seed is None:

@@ -57,6 +57,10 @@ class Request:
     topk: int = 50
     seed: int | None = None
 
+    def arguments(self) -> tuple:
+        """Its fields as the arguments of `Generator.generate` (and of its checks), in order."""
+        return (self.text, self.speaker, self.context, self.max_audio_length_ms, self.temperature, self.topk, self.seed)
+
 
 class Place:
     """One of the engine's `max_batch + max_queue` places, held by a request or an `Admission`."""
