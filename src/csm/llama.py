@@ -10,6 +10,7 @@ form of the attention and the MLP, with their input projections as one module ea
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 import weakref
@@ -220,7 +221,7 @@ def is_matrix_vector(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]
 
 
-class _Attention(nn.Module):
+class _Attention(nn.Module, abc.ABC):
     """Grouped-query attention over a static KV cache; the subclass says how x becomes q, k and v."""
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -230,9 +231,9 @@ class _Attention(nn.Module):
         self.head_dim = config.head_dim
         self.cache: KVCache | None = None
 
+    @abc.abstractmethod
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of x [B, S, dim]."""
-        raise NotImplementedError
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor, rows: slice
@@ -282,11 +283,12 @@ class FusedAttention(_Attention):
         return self.qkv_proj(x)
 
 
-class _MLP(nn.Module):
+class _MLP(nn.Module, abc.ABC):
     """SwiGLU: w2(silu(gate) * up); the subclass says how x becomes gate and up."""
 
+    @abc.abstractmethod
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The gate and up projections of x."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
