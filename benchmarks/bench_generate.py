@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csm import CSM, Generator, Mimi, Segment, Watermarker
+from csm.compiled import CompiledCSM
 from csm.inference import prepare
 from csm.model import CSMConfig
 from csm.text import load_tokenizer
@@ -38,12 +39,15 @@ MIMI_CODES = 2048
 TEXTS = ["Hey how are you doing?", "Pretty good, pretty good.", "I'm great, thanks.", "Me too, this is cool."]
 
 
-def random_csm(config: CSMConfig, dtype: torch.dtype, seed: int = 0, quantize: str | None = None) -> CSM:
+def random_csm(
+    config: CSMConfig, dtype: torch.dtype, seed: int = 0, quantize: str | None = None, compile: bool = False
+) -> CSM:
     """CSM with O(1) activations whose top-k never holds the codes Mimi cannot decode, in the
-    inference form that `csm.loading.load_for_generation` gives (fused, and quantized with `quantize`)."""
+    inference form that `csm.loading.load_for_generation` gives (fused, quantized with
+    `quantize`, its frame step compiled with `compile`)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = CSM(config)
+        model = (CompiledCSM if compile else CSM)(config)
     model = model.to(dtype).to_empty(device="cpu")
     model.init_buffers()
     with torch.no_grad():

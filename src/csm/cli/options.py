@@ -101,7 +101,8 @@ def add_speed(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--compile",
         action="store_true",
-        help="compile CSM's frame step with torch.compile (the first frame waits for the compiler)",
+        help="compile CSM's frame step with torch.compile (the first frame waits for the compiler; "
+        "csm serve compiles the graphs of every batch size before it serves)",
     )
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import torch
 
 from csm.batching import CacheRows
+from csm.compiled import CompiledCSM
 from csm.engine.requests import EngineClosedError, Stream, engine_failed
 from csm.engine.scheduler import Running, Scheduler
 from csm.generator import Generator
@@ -34,7 +35,8 @@ logger = logging.getLogger("csm.engine")
 class Runner:
     """The worker thread of an engine: `generator`'s model in `scheduler.max_batch` cache rows.
 
-    Returns once the caches are made (or raises what made them fail)."""
+    Returns once the caches are made and, for a compiled model, its graphs (or raises what made
+    them fail)."""
 
     def __init__(self, generator: Generator, scheduler: Scheduler):
         self.scheduler = scheduler
@@ -58,6 +60,11 @@ class Runner:
             self._audio = generator.mimi.decode_stream(self.scheduler.max_batch)
             self._rows = CacheRows(generator.model, generator.prefix_cache)
             generator.model.setup_caches(self.scheduler.max_batch)
+            if isinstance(generator.model, CompiledCSM):
+                # Every row count's graphs now, not in the middle of serving, where a first
+                # compilation would hold up every row for as long as it takes.
+                seconds = generator.model.warm_up()
+                logger.info("compiled the frame step for 1 to %d rows in %.1f s", self.scheduler.max_batch, seconds)
         except BaseException as error:  # noqa: BLE001 -- raised by the constructor
             started.set_exception(error)
             return
