@@ -22,7 +22,8 @@ What it does, in one run:
   csm sees) and a Mimi decoder with random weights (as the other benches' Mimi; its time is
   taken out, below);
 - times, each in a fresh process and with the same number of threads: csm bf16 (eager), int8
-  and int4 (`load_for_generation`), and CrispASR on the F16, Q8_0 and Q4_K files;
+  (weight-only), int8-dynamic (integer products) and int4 (`load_for_generation`), and
+  CrispASR on the F16, Q8_0 and Q4_K files;
 - prints the bf16 floor of this machine (bench_csm.py's) and one table with the targets.
 
 What the numbers cover. csm: seconds per frame of `generate_frame` (one backbone step and the
@@ -68,8 +69,14 @@ from csm.loading import load_csm, load_for_generation
 from csm.model import CSMConfig
 from csm.quantized_checkpoint import save_quantized
 
-# The pairs compared, and the target ratio (ggml s/frame over csm s/frame) of each.
-PAIRS = [("bf16", "F16", 1.1), ("int8", "Q8_0", 1.5), ("int4", "Q4_K", 2.0)]
+# The pairs compared (csm's mode, the folder it loads, ggml's file), and the target ratio
+# (ggml s/frame over csm s/frame) of each. Both int8 modes load the one int8 folder.
+PAIRS = [
+    ("bf16", "bf16", "F16", 1.1),
+    ("int8", "int8", "Q8_0", 1.5),
+    ("int8-dynamic", "int8", "Q8_0", 1.5),
+    ("int4", "int4", "Q4_K", 2.0),
+]
 # CrispASR's tokenizer adds these around the prompt; csm's prompt here gets the same ids.
 BOS, EOS = 128000, 128001
 # Mimi's decoder (Kyutai): model width, transformer layers and feed-forward width, SEANet.
@@ -367,15 +374,16 @@ def crispasr_seconds_per_frame(library: Path, model: Path, threads: int, frames:
 # --- csm ---------------------------------------------------------------------------------
 
 
-def measure_csm(folder: str, dtype: str, threads: int, frames: int) -> None:
+def measure_csm(folder: str, mode: str, threads: int, frames: int) -> None:
     torch.set_num_threads(threads)
-    model = load_for_generation(folder, dtype=getattr(torch, dtype))
+    quantize = None if mode == "bf16" else mode
+    model = load_for_generation(folder, dtype=torch.bfloat16, quantize=quantize)
     print(json.dumps({"seconds_per_frame": ours_seconds_per_frame(model, frames)}))
 
 
-def csm_seconds_per_frame(folder: Path, dtype: str, threads: int, frames: int) -> float:
+def csm_seconds_per_frame(folder: Path, mode: str, threads: int, frames: int) -> float:
     output = subprocess.run(
-        [sys.executable, __file__, "--measure-csm", str(folder), dtype, str(threads), str(frames)],
+        [sys.executable, __file__, "--measure-csm", str(folder), mode, str(threads), str(frames)],
         check=True,
         capture_output=True,
         text=True,
@@ -408,15 +416,15 @@ def main() -> None:
     parser.add_argument(
         "--measure-crispasr", nargs=4, metavar=("LIB", "GGUF", "THREADS", "FRAMES"), help=argparse.SUPPRESS
     )
-    parser.add_argument("--measure-csm", nargs=4, metavar=("DIR", "DTYPE", "THREADS", "FRAMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-csm", nargs=4, metavar=("DIR", "MODE", "THREADS", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_crispasr:
         library, model, threads, frames = args.measure_crispasr
         measure_crispasr(library, model, int(threads), int(frames))
         return
     if args.measure_csm:
-        folder, dtype, threads, frames = args.measure_csm
-        measure_csm(folder, dtype, int(threads), int(frames))
+        folder, mode, threads, frames = args.measure_csm
+        measure_csm(folder, mode, int(threads), int(frames))
         return
     if not args.crispasr or not args.crispasr_quantize:
         parser.error("--crispasr and --crispasr-quantize are required (the built CrispASR library and tool)")
@@ -441,12 +449,12 @@ def main() -> None:
     print(f"first frame, greedy, same prompt: csm fp32 and ggml F16 agree on {agree}/{codebooks} codes\n")
 
     floor, kernel = matrix_vector_floor_seconds(bf16_bytes_per_frame(config))
-    rows = []
-    for ours, theirs, target in PAIRS:
-        dtype = "bfloat16"
-        csm_seconds = csm_seconds_per_frame(folders[ours], dtype, args.threads, args.frames)
-        ggml_seconds = crispasr_seconds_per_frame(args.crispasr, ggufs[theirs], args.threads, args.frames)
-        rows.append((ours, theirs, csm_seconds, ggml_seconds, target))
+    rows, ggml = [], {}
+    for ours, folder, theirs, target in PAIRS:
+        csm_seconds = csm_seconds_per_frame(folders[folder], ours, args.threads, args.frames)
+        if theirs not in ggml:
+            ggml[theirs] = crispasr_seconds_per_frame(args.crispasr, ggufs[theirs], args.threads, args.frames)
+        rows.append((ours, theirs, csm_seconds, ggml[theirs], target))
 
     print(
         f"bf16 floor in this run: {floor:.3f} s/frame ({kernel}, {bf16_bytes_per_frame(config) / 1e9:.2f} GB a frame)\n"
