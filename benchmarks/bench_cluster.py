@@ -7,8 +7,22 @@ a full-size Mimi and random watermark weights of the real size, written once to 
 First a `csm serve` process, then a local Ray cluster running `csm.cluster:app` with one engine
 replica that may use every core (`replica_cpus` = the core count: Ray sets a replica's OpenMP
 threads from it), each on loopback with the same engine settings. For each N, N clients at once
-stream one utterance each as raw PCM. Reports requests a minute and mean time to first audio
-(request sent to first audio bytes) for both, and the cluster's ratio to `csm serve`.
+stream one utterance each as raw PCM. Reports, for both and with the cluster's ratio to
+`csm serve`:
+
+- requests a minute and mean time to first audio (request sent to first audio bytes);
+- `engine s`: the engine's own time to first audio for the last request of the round (from
+  being submitted to its first frame: the prompt's prefill and one frame step), from `/metrics`;
+- `frame ms`: the engine's speed, as the mean time per frame of audio after the first audio
+  (the audio's arrival time over its frames: each frame step of the engine, its share of the
+  marking, and per piece of audio (13 frames) one pass through the hop);
+- `hop ms`: the pure hop, the median round trip of a request the engine refuses at once (an
+  unknown voice: 400), sent alone before the clients: HTTP to `csm serve`'s routes and back,
+  or Serve's proxy, the ingress, the engine replica and back, with no model work.
+
+So the cluster's extra time to first audio splits into the hop (`hop ms`, once per request) and
+the engine running slower in its replica than in `csm serve`'s process (`engine s`, `frame ms`).
+`--worker-niceness 0` starts Ray's workers at normal priority instead of Ray's niceness 15.
 """
 
 from __future__ import annotations
@@ -40,6 +54,9 @@ from tests.factories.watermark import write_silentcipher_repo
 TEXT = "Hello there, how are you today?"
 STARTUP_SECONDS = 900
 MIMI_CODES = 2048
+FRAME_BYTES = 1920 * 2  # one 80 ms frame of 24 kHz 16-bit PCM
+BURST_SECONDS = 0.02  # reads this close to the first belong to the first piece of audio
+PROBES = 20
 
 
 def free_port() -> int:
@@ -49,7 +66,7 @@ def free_port() -> int:
 
 
 def stream(port: int, seconds: float, seed: int) -> tuple[float, float]:
-    """Seconds to the first audio byte and to the last of one streamed utterance."""
+    """Seconds to the first audio byte, and the mean seconds per frame of the audio after the first piece."""
     body = {"model": "csm-1b", "input": TEXT, "voice": "alloy", "response_format": "pcm", "max_audio_seconds": seconds}
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     started = time.perf_counter()
@@ -58,23 +75,67 @@ def stream(port: int, seconds: float, seed: int) -> tuple[float, float]:
     )
     response = connection.getresponse()
     assert response.status == 200, response.read()
-    first = None
-    while response.read1(65536):
-        first = first or time.perf_counter() - started
+    first = last = None
+    first_piece = received = 0
+    while data := response.read1(65536):
+        last = time.perf_counter() - started
+        first = first or last
+        received += len(data)
+        if last - first <= BURST_SECONDS:
+            first_piece = received
     connection.close()
-    return first, time.perf_counter() - started
+    frames = (received - first_piece) / FRAME_BYTES
+    return first, (last - first) / frames if frames >= 1 else float("nan")
 
 
-def measure(port: int, counts: list[int], seconds: float) -> dict[int, tuple[float, float]]:
-    """{clients: (requests a minute, mean time to first audio)} after one warm-up request."""
-    stream(port, 0.16, seed=99)
+def round_trip(port: int) -> float:
+    """Seconds of the median round trip of a request refused without model work (an unknown voice)."""
+    body = {"model": "csm-1b", "input": TEXT, "voice": "voice_0123456789abcdef", "response_format": "pcm"}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    times = []
+    for _ in range(PROBES):
+        started = time.perf_counter()
+        connection.request("POST", "/v1/audio/speech", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 400, response.status
+        times.append(time.perf_counter() - started)
+    connection.close()
+    return statistics.median(times)
+
+
+def engine_first_frame(port: int) -> float:
+    """The engine's own time to first audio of its last request (submitted to first frame made:
+    the prompt's prefill and one frame), from /metrics (the cluster's: the replica's report)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/metrics")
+    lines = connection.getresponse().read().decode().splitlines()
+    connection.close()
+    (value,) = [line.split()[-1] for line in lines if line.startswith("csm_engine_time_to_first_audio_last_s")]
+    return float(value)
+
+
+def measure(port: int, counts: list[int], seconds: float) -> dict[int, tuple[float, ...]]:
+    """{clients: (requests a minute, mean time to first audio, the engine's first frame, mean
+    seconds a frame, hop seconds)}, after warming up with one request of the same length (a
+    process's first utterances run slower: pages of the weights, the first marked clips)."""
+    stream(port, seconds, seed=99)
+    round_trip(port)
     figures = {}
     for clients in counts:
+        hop = round_trip(port)
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(lambda seed: stream(port, seconds, seed), range(clients)))
         wall = time.perf_counter() - started
-        figures[clients] = (clients / wall * 60, statistics.mean(first for first, _ in results))
+        time.sleep(1.5)  # the replica's next report to the board
+        figures[clients] = (
+            clients / wall * 60,
+            statistics.mean(first for first, _ in results),
+            engine_first_frame(port),
+            statistics.mean(frame for _, frame in results),
+            hop,
+        )
     return figures
 
 
@@ -111,8 +172,12 @@ def through_csm_serve(sources: dict[str, str], max_batch: int, counts: list[int]
         process.wait(timeout=60)
 
 
-def through_cluster(sources: dict[str, str], max_batch: int, counts: list[int], seconds: float, workdir: Path):
+def through_cluster(
+    sources: dict[str, str], max_batch: int, counts: list[int], seconds: float, workdir: Path, niceness: int | None
+):
     os.environ.update(_environment())
+    if niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet that starts the workers
     import ray
     from ray import serve
 
@@ -172,25 +237,33 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="the engine's rows, both ways (default 8)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "csm-bench-cluster")
     parser.add_argument("--tiny", action="store_true", help="a tiny CSM in float32, to try the benchmark quickly")
+    parser.add_argument(
+        "--worker-niceness", type=int, help="the niceness of Ray's workers (RAY_worker_niceness; Ray's default 15)"
+    )
     args = parser.parse_args()
     counts = [int(count) for count in args.concurrency.split(",")]
     args.workdir.mkdir(parents=True, exist_ok=True)
     sources = write_sources(args.workdir, args.tiny)
     served = through_csm_serve(sources, args.max_batch, counts, args.seconds, args.workdir)
-    clustered = through_cluster(sources, args.max_batch, counts, args.seconds, args.workdir)
+    clustered = through_cluster(sources, args.max_batch, counts, args.seconds, args.workdir, args.worker_niceness)
     print(
         f"{'tiny CSM, fp32' if args.tiny else 'CSM-1B size, random bf16 weights'}; Mimi and watermark full size; "
-        f"{os.cpu_count()} cores; {args.seconds:g} s per utterance, streamed as pcm; one engine replica"
+        f"{os.cpu_count()} cores; {args.seconds:g} s per utterance, streamed as pcm; one engine replica; "
+        f"Ray's workers at niceness {15 if args.worker_niceness is None else args.worker_niceness}"
     )
     print(
-        f"{'clients':>7} | {'serve req/min':>13} {'TTFA s':>7} | {'cluster req/min':>15} {'TTFA s':>7} | "
-        f"{'TTFA ratio':>10} {'req/min ratio':>13}"
+        f"{'clients':>7} | {'serve req/min':>13} {'TTFA s':>6} {'engine s':>8} {'frame ms':>8} {'hop ms':>6} | "
+        f"{'cluster req/min':>15} {'TTFA s':>6} {'engine s':>8} {'frame ms':>8} {'hop ms':>6} | "
+        f"{'TTFA ratio':>10} {'req/min ratio':>13} {'frame ratio':>11}"
     )
     for clients in counts:
-        (serve_rate, serve_first), (cluster_rate, cluster_first) = served[clients], clustered[clients]
+        (s_rate, s_first, s_engine, s_frame, s_hop) = served[clients]
+        (c_rate, c_first, c_engine, c_frame, c_hop) = clustered[clients]
         print(
-            f"{clients:>7} | {serve_rate:>13.2f} {serve_first:>7.2f} | {cluster_rate:>15.2f} {cluster_first:>7.2f} | "
-            f"{cluster_first / serve_first:>10.2f} {cluster_rate / serve_rate:>13.2f}"
+            f"{clients:>7} | {s_rate:>13.2f} {s_first:>6.2f} {s_engine:>8.2f} {s_frame * 1000:>8.1f} "
+            f"{s_hop * 1000:>6.1f} | {c_rate:>15.2f} {c_first:>6.2f} {c_engine:>8.2f} {c_frame * 1000:>8.1f} "
+            f"{c_hop * 1000:>6.1f} | "
+            f"{c_first / s_first:>10.2f} {c_rate / s_rate:>13.2f} {c_frame / s_frame:>11.2f}"
         )
 
 

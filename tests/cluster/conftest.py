@@ -36,10 +36,11 @@ class Cluster:
     port: int
     args: dict[str, str]
     voices_dir: Path
+    prefix: str = ""  # the application's route prefix on Serve's proxy ("" for "/")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
 
     def call(self, method: str, path: str, body: dict | None = None, key: str | None = API_KEY, timeout: float = 120):
         """(status, headers, body) of one request."""
@@ -49,7 +50,7 @@ class Cluster:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            connection.request(method, path, body=data, headers=headers)
+            connection.request(method, self.prefix + path, body=data, headers=headers)
             response = connection.getresponse()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
         finally:

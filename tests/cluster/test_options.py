@@ -33,8 +33,11 @@ def test_strings_from_the_command_line_become_typed_options():
 
 
 def test_yaml_values_and_the_watermark_key():
-    options = parse_options({"min_replicas": 0, "max_replicas": 3, "replica_gpus": 1, "watermark_key": "1,2,3,4,5"})
+    options = parse_options(
+        {"min_replicas": 0, "max_replicas": 3, "replica_gpus": 1, "watermark_key": "1,2,3,4,5", "upscale_delay_s": 5}
+    )
     assert options.autoscaling and options.min_replicas == 0 and options.replica_gpus == 1.0
+    assert (options.upscale_delay_s, options.downscale_delay_s) == (5.0, 600.0)
     assert options.watermarking == [1, 2, 3, 4, 5]
 
 
@@ -55,6 +58,9 @@ def test_yaml_values_and_the_watermark_key():
         ({"model": ""}, "model: expected a non-empty string"),
         ({"num_replicas": "2", "max_replicas": "4"}, "give num_replicas (a fixed count) or min_replicas/max_replicas"),
         ({"min_replicas": "3", "max_replicas": "2"}, "min_replicas (3) is above max_replicas (2)"),
+        ({"upscale_delay_s": "soon"}, "upscale_delay_s: expected a number, got 'soon'"),
+        ({"downscale_delay_s": "-1"}, "downscale_delay_s: must be a finite number at least 0"),
+        ({"num_replicas": "2", "downscale_delay_s": "60"}, "downscale_delay_s: autoscaling delays, but num_replicas fixes the count"),
         ({"device": "cuda"}, "device cuda needs replica_gpus"),
         ({"device": "cpu", "replica_gpus": "1"}, "reserves GPUs that device cpu leaves idle"),
         ({"watermark": "false", "watermark_key": "1,2,3,4,5"}, "watermark_key is given but watermark is false"),
@@ -76,6 +82,9 @@ def test_the_builder_returns_the_application_with_its_admission_and_autoscaling(
     autoscaling = scaled["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 6)
     assert autoscaling["target_ongoing_requests"] == target_ongoing_requests(8) == 6
+    assert (autoscaling["upscale_delay_s"], autoscaling["downscale_delay_s"]) == (30.0, 600.0)
+    quick = engine_deployment(parse_options({"upscale_delay_s": "5", "downscale_delay_s": "120.5"}))["autoscaling_config"]
+    assert (quick["upscale_delay_s"], quick["downscale_delay_s"]) == (5.0, 120.5)
 
 
 def test_serve_run_refuses_a_bad_argument_before_starting_ray():

@@ -5,7 +5,8 @@
 deployment takes `max_batch` requests per replica (its rows) and keeps at most `max_queue`
 waiting at each ingress; past that a request is answered 429 with `Retry-After`. Without
 `num_replicas`, Serve autoscales the engine replicas between `min_replicas` and `max_replicas`
-on the requests they hold (`autoscaling_config`).
+on the requests they hold (`autoscaling_config`), after `upscale_delay_s` of load above the
+target or `downscale_delay_s` below it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ from csm.cluster.replica import SpeechEngine
 
 # The ingress only parses, encodes and relays: it holds many streams at once.
 INGRESS_MAX_ONGOING = 1024
-# Loading a replica takes tens of seconds (weights, then the first frames): scale up when the
-# load has lasted, and down only after a long quiet spell.
-UPSCALE_DELAY_S = 30.0
-DOWNSCALE_DELAY_S = 600.0
 
 
 def app(args: Mapping[str, object]) -> Application:
@@ -61,8 +58,8 @@ def engine_deployment(options: ClusterOptions) -> dict:
             "initial_replicas": max(1, options.min_replicas),
             "max_replicas": options.max_replicas,
             "target_ongoing_requests": target_ongoing_requests(options.max_batch),
-            "upscale_delay_s": UPSCALE_DELAY_S,
-            "downscale_delay_s": DOWNSCALE_DELAY_S,
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
         }
     return deployment
 

@@ -19,11 +19,15 @@ from csm.devices import parse_dtype
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_REPLICAS = 4
+# Loading a replica takes tens of seconds (weights, then the first frames): scale up when the
+# load has lasted, and down only after a long quiet spell.
+DEFAULT_UPSCALE_DELAY_S = 30.0
+DEFAULT_DOWNSCALE_DELAY_S = 600.0
 
 ARGUMENTS = (
     "model", "mimi", "tokenizer", "watermarker", "device", "dtype", "quantize", "compile", "adapter",
     "watermark", "watermark_key", "api_key", "voices_dir", "num_replicas", "min_replicas", "max_replicas",
-    "max_batch", "max_queue", "replica_cpus", "replica_gpus",
+    "upscale_delay_s", "downscale_delay_s", "max_batch", "max_queue", "replica_cpus", "replica_gpus",
 )  # fmt: skip
 QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -35,7 +39,9 @@ class ClusterOptions:
     voices and key the ingress uses, and how many replicas of what size.
 
     `num_replicas` fixes the count; otherwise Serve autoscales between `min_replicas` and
-    `max_replicas` on the requests each replica holds (see `csm.cluster.application`).
+    `max_replicas` on the requests each replica holds, adding a replica once the load has
+    stayed above its target for `upscale_delay_s` and removing one once it has stayed below
+    for `downscale_delay_s` (see `csm.cluster.application`).
     """
 
     model: str = "sesame/csm-1b"
@@ -54,6 +60,8 @@ class ClusterOptions:
     num_replicas: int | None = None
     min_replicas: int = 1
     max_replicas: int = DEFAULT_MAX_REPLICAS
+    upscale_delay_s: float = DEFAULT_UPSCALE_DELAY_S
+    downscale_delay_s: float = DEFAULT_DOWNSCALE_DELAY_S
     max_batch: int = DEFAULT_MAX_BATCH
     max_queue: int = DEFAULT_MAX_QUEUE
     replica_cpus: float = 1.0
@@ -92,7 +100,7 @@ def parse_options(args: Mapping[str, object]) -> ClusterOptions:
     ):
         if name in args:
             values[name] = _integer(name, args[name], low)
-    for name in ("replica_cpus", "replica_gpus"):
+    for name in ("replica_cpus", "replica_gpus", "upscale_delay_s", "downscale_delay_s"):
         if name in args:
             values[name] = _amount(name, args[name])
     if "device" in args:
@@ -116,6 +124,11 @@ def parse_options(args: Mapping[str, object]) -> ClusterOptions:
 def _check_together(options: ClusterOptions, given: set[str]) -> None:
     if "num_replicas" in given and given & {"min_replicas", "max_replicas"}:
         raise ValueError("give num_replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
+    delays = sorted(given & {"upscale_delay_s", "downscale_delay_s"})
+    if "num_replicas" in given and delays:
+        raise ValueError(
+            f"{', '.join(delays)}: autoscaling delays, but num_replicas fixes the count (autoscale with min/max_replicas)"
+        )
     if options.min_replicas > options.max_replicas:
         raise ValueError(f"min_replicas ({options.min_replicas}) is above max_replicas ({options.max_replicas})")
     if options.device and options.device.startswith("cuda") and options.replica_gpus == 0:
