@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import csm.quantized_checkpoint  # noqa: F401 - imported up front so that its import is not counted as loading memory
+from csm import kernels
 from csm.loading import load_csm, load_for_generation
 from csm.model import CSM, CSMConfig
 from csm.quantized_checkpoint import save_quantized
@@ -148,14 +149,20 @@ def matrix_vector_floor_seconds(bytes_per_frame: int, repeats: int = 20) -> tupl
     Measured on 8192 x 8192 weights (128 MB each, cycled through 4 so none stays cached)."""
     weights = [torch.randn(8192, 8192).to(torch.bfloat16) for _ in range(4)]
     x = torch.randn(8192).to(torch.bfloat16)
-    kernels = {"torch.mv": lambda w: torch.mv(w, x), "F.linear (oneDNN)": lambda w: F.linear(x[None], w)}
+    candidates = {
+        "torch.mv": (weights, lambda w: torch.mv(w, x)),
+        "F.linear (oneDNN)": (weights, lambda w: F.linear(x[None], w)),
+    }
+    if kernels.packed_available(torch.bfloat16):  # what csm.kernels may choose: the floor is the fastest
+        packed = [kernels.pack(weight) for weight in weights]
+        candidates["oneDNN packed"] = (packed, lambda w: kernels.packed_product(x[None], w))
     best = {}
-    for name, kernel in kernels.items():
-        for weight in weights:
+    for name, (operands, kernel) in candidates.items():
+        for weight in operands:
             kernel(weight)
         start = time.perf_counter()
         for step in range(repeats):
-            kernel(weights[step % len(weights)])
+            kernel(operands[step % len(operands)])
         best[name] = (time.perf_counter() - start) / repeats
     name = min(best, key=best.get)
     bytes_per_second = weights[0].numel() * 2 / best[name]

@@ -21,9 +21,9 @@ What it does, in one run:
   for the single characters that spell this run's prompt, so that it sees the prompt tokens
   csm sees) and a Mimi decoder with random weights (as the other benches' Mimi; its time is
   taken out, below);
-- times, each in a fresh process and with the same number of threads: csm bf16 (eager), int8
-  (weight-only), int8-dynamic (integer products) and int4 (`load_for_generation`), and
-  CrispASR on the F16, Q8_0 and Q4_K files;
+- times, each in a fresh process and with the same number of threads: csm bf16 (eager; as
+  shipped, and with `CSM_ONEDNN=off`), int8 (weight-only), int8-dynamic (integer products) and
+  int4 (`load_for_generation`), and CrispASR on the F16, Q8_0 and Q4_K files;
 - prints the bf16 floor of this machine (bench_csm.py's) and one table with the targets.
 
 What the numbers cover. csm: seconds per frame of `generate_frame` (one backbone step and the
@@ -69,13 +69,16 @@ from csm.loading import load_csm, load_for_generation
 from csm.model import CSMConfig
 from csm.quantized_checkpoint import save_quantized
 
-# The pairs compared (csm's mode, the folder it loads, ggml's file), and the target ratio
-# (ggml s/frame over csm s/frame) of each. Both int8 modes load the one int8 folder.
+# The pairs compared (csm's mode, the folder it loads, its environment; ggml's file), and the
+# target ratio (ggml s/frame over csm s/frame) of each. Both int8 modes load the one int8
+# folder; bf16 runs as it ships and with oneDNN off for the process (PyTorch's portable one-row
+# kernel, the opt-in `CSM_ONEDNN=off`).
 PAIRS = [
-    ("bf16", "bf16", "F16", 1.1),
-    ("int8", "int8", "Q8_0", 1.5),
-    ("int8-dynamic", "int8", "Q8_0", 1.5),
-    ("int4", "int4", "Q4_K", 2.0),
+    ("bf16", "bf16", {}, "F16", 1.1),
+    ("bf16", "bf16", {"CSM_ONEDNN": "off"}, "F16", 1.1),
+    ("int8", "int8", {}, "Q8_0", 1.5),
+    ("int8-dynamic", "int8", {}, "Q8_0", 1.5),
+    ("int4", "int4", {}, "Q4_K", 2.0),
 ]
 # CrispASR's tokenizer adds these around the prompt; csm's prompt here gets the same ids.
 BOS, EOS = 128000, 128001
@@ -381,12 +384,13 @@ def measure_csm(folder: str, mode: str, threads: int, frames: int) -> None:
     print(json.dumps({"seconds_per_frame": ours_seconds_per_frame(model, frames)}))
 
 
-def csm_seconds_per_frame(folder: Path, mode: str, threads: int, frames: int) -> float:
+def csm_seconds_per_frame(folder: Path, mode: str, environment: dict[str, str], threads: int, frames: int) -> float:
     output = subprocess.run(
         [sys.executable, __file__, "--measure-csm", str(folder), mode, str(threads), str(frames)],
         check=True,
         capture_output=True,
         text=True,
+        env={**os.environ, **environment},
     ).stdout
     return json.loads(output.splitlines()[-1])["seconds_per_frame"]
 
@@ -450,11 +454,12 @@ def main() -> None:
 
     floor, kernel = matrix_vector_floor_seconds(bf16_bytes_per_frame(config))
     rows, ggml = [], {}
-    for ours, folder, theirs, target in PAIRS:
-        csm_seconds = csm_seconds_per_frame(folders[folder], ours, args.threads, args.frames)
+    for ours, folder, environment, theirs, target in PAIRS:
+        csm_seconds = csm_seconds_per_frame(folders[folder], ours, environment, args.threads, args.frames)
         if theirs not in ggml:
             ggml[theirs] = crispasr_seconds_per_frame(args.crispasr, ggufs[theirs], args.threads, args.frames)
-        rows.append((ours, theirs, csm_seconds, ggml[theirs], target))
+        label = " ".join([ours, *(f"{name}={value}" for name, value in environment.items())])
+        rows.append((label, theirs, csm_seconds, ggml[theirs], target))
 
     print(
         f"bf16 floor in this run: {floor:.3f} s/frame ({kernel}, {bf16_bytes_per_frame(config) / 1e9:.2f} GB a frame)\n"
